@@ -1,0 +1,209 @@
+"""The `megaapo` command: train, config, data (synth, check), model (tiny), and the subcommands of later stages.
+
+    megaapo train [CONFIG] [section.key=value ...]      the RL job (default CONFIG: configs/demo.yaml)
+    megaapo config PRESET [section.key=value ...]       print the resolved config as YAML
+    megaapo data synth --out DIR --n N --seed S         render the synthetic multimodal reasoning dataset
+    megaapo data check PATH [--model DIR]               validate a data file and print counts per skip reason
+    megaapo model tiny --out DIR [--vocab small|real]   write a tiny random-weight Qwen2.5-VL checkpoint
+
+User mistakes (bad config keys, missing files, unusable data) end with one clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from megaapo import __version__
+
+log = logging.getLogger("megaapo")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def cmd_config(args: argparse.Namespace) -> int:
+    from megaapo.config import load_config, to_yaml
+
+    cfg = load_config(args.preset, args.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ data
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from megaapo.data.synth import generate
+
+    t0 = time.perf_counter()
+    paths = generate(args.out, args.n, args.n_eval, seed=args.seed, tasks=args.tasks, levels=args.levels,
+                     image_size=args.size)
+    n = args.n + args.n_eval
+    print(f"wrote {args.n} train + {args.n_eval} held-out rows ({n / (time.perf_counter() - t0):.0f} rows/s): "
+          f"{paths['train']}, {paths['eval']}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from megaapo.data import SKIP_REASONS, load_examples
+    from megaapo.data.schema import DataError
+
+    prompt_tokens = None
+    if args.model:
+        from transformers import AutoTokenizer
+
+        from megaapo.data import PromptBuilder
+
+        builder = PromptBuilder(AutoTokenizer.from_pretrained(args.model), args.style, args.min_pixels,
+                                args.max_pixels)
+        prompt_tokens = builder.num_tokens
+    try:
+        examples, report = load_examples(args.path, fmt=args.format, image_root=args.image_root,
+                                         prompt_tokens=prompt_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                         progress=sys.stderr.isatty())
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    table = Table(title=f"{args.path}: {report.kept} of {report.total} rows usable")
+    table.add_column("reason")
+    table.add_column("rows", justify="right")
+    table.add_column("first rows")
+    table.add_row("ok", str(report.kept), "")
+    for reason in SKIP_REASONS:
+        if report.skipped.get(reason):
+            first = "; ".join(f"{r}: {d}" if d else str(r) for r, d in report.samples[reason])
+            table.add_row(f"skipped: {reason}", str(report.skipped[reason]), first)
+    _console().print(table)
+    tasks: dict = {}
+    for ex in examples:
+        key = (ex.meta.get("task", "-"), ex.meta.get("level", "-"))
+        tasks[key] = tasks.get(key, 0) + 1
+    if len(tasks) > 1:
+        print("by task/level: " + ", ".join(f"{t}/{lv}={n}" for (t, lv), n in sorted(tasks.items(), key=str)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- model
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    from megaapo.models.tiny import build_tiny
+
+    t0 = time.perf_counter()
+    path = build_tiny(args.out, vocab=args.vocab, tie_embeddings=args.tie_embeddings, hidden_size=args.hidden,
+                      num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                      intermediate_size=args.intermediate, vision_depth=args.vision_depth,
+                      vision_hidden_size=args.vision_hidden, seed=args.seed, dtype=args.dtype)
+    print(f"wrote a tiny Qwen2.5-VL ({args.vocab} vocabulary) to {path} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from megaapo.assets import prepare_inputs
+    from megaapo.config import DEFAULT_PRESET, load_config, to_yaml
+
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    run_dir = Path(cfg.trainer.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    inputs = prepare_inputs(cfg.model, cfg.data, run_dir)
+    for r in inputs.reports:
+        print(r.summary())
+    print(f"model: {inputs.model_path}\ntrain rows: {len(inputs.train)}, held-out rows: {len(inputs.eval)}\n"
+          f"algorithm: {cfg.algo.name}, rewards: {dict(cfg.reward.functions)}, "
+          f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples} samples per step")
+    if cfg.trainer.dry_run:
+        print("dry run: config, model and data are valid; nothing trained")
+        return 0
+    print("megaapo train: inputs are ready, but the RL loop (learner, vLLM rollout, weight sync) is not in this "
+          "release yet; this run stopped after validating them. Track the training-loop issue.")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaapo", description="RL for Qwen2.5-VL reasoning models (APO, StepGRPO, "
+                                                            "GRPO-family baselines) on megatron-core + vLLM")
+    p.add_argument("--version", action="version", version=f"megaapo {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="run RL training (default: configs/demo.yaml, the CPU demo)")
+    t.add_argument("config", nargs="?", help="preset name or YAML file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.kl_coef=0.04")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("config", help="print a resolved config as YAML")
+    c.add_argument("preset", help="preset name (demo, apo_view_r1_3b, ...) or YAML file")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=cmd_config)
+
+    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("synth", help="render the synthetic multimodal reasoning dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, required=True, help="training rows")
+    s.add_argument("--n-eval", type=int, default=200, help="held-out rows")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tasks", nargs="+", default=None, help="task families (default: all)")
+    s.add_argument("--levels", nargs="+", type=int, default=None, help="difficulty levels 1-3 (default: all)")
+    s.add_argument("--size", type=int, default=112, help="image side in pixels")
+    s.set_defaults(fn=cmd_data_synth)
+    k = d.add_parser("check", help="validate a data file (JSONL or Parquet) and print counts")
+    k.add_argument("path")
+    k.add_argument("--format", default="auto", choices=["auto", "megaapo", "view_r1", "r1vl"])
+    k.add_argument("--image-root", default="")
+    k.add_argument("--model", default="", help="checkpoint whose tokenizer measures prompt lengths")
+    k.add_argument("--style", default="r1", choices=["r1", "r1vl", "direct"])
+    k.add_argument("--max-prompt-tokens", type=int, default=4096)
+    k.add_argument("--min-pixels", type=int, default=3136)
+    k.add_argument("--max-pixels", type=int, default=1003520)
+    k.set_defaults(fn=cmd_data_check)
+
+    m = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
+    tiny = m.add_parser("tiny", help="write a tiny random-weight Qwen2.5-VL checkpoint (HF layout)")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--vocab", default="small", choices=["small", "real"])
+    tiny.add_argument("--tie-embeddings", action="store_true")
+    tiny.add_argument("--hidden", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=2)
+    tiny.add_argument("--intermediate", type=int, default=256)
+    tiny.add_argument("--vision-depth", type=int, default=2)
+    tiny.add_argument("--vision-hidden", type=int, default=64)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tiny.set_defaults(fn=cmd_model_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:  # `megaapo` alone runs the main job, like `megaapo train`
+        args = build_parser().parse_args(["train", *(argv or [])])
+    from megaapo.config import ConfigError
+    from megaapo.data.schema import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

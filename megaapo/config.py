@@ -1,0 +1,415 @@
+"""The one typed config tree of a megaapo run: dataclasses, YAML presets, dotted CLI overrides, validation.
+
+Who calls it: the CLI (`megaapo config|train|sft|eval|data ...`) builds a `MegaapoConfig` once with `load_config` and
+hands each component only its own section (`cfg.algo` to the loss, `cfg.rollout` to the engines, ...).
+
+A preset in `configs/` is a small YAML override set on top of the dataclass defaults below; CLI overrides are
+dotted (`algo.kl_coef=0.04`). Every key, type, choice and range is checked before anything starts, and a mistake
+is reported as one `ConfigError` naming the key and the valid choices ("did you mean ...").
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "demo"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+def _opt(default: Any, *, choices: Optional[list] = None, ge: Optional[float] = None, gt: Optional[float] = None,
+         le: Optional[float] = None, lt: Optional[float] = None, help: str = "") -> Any:
+    """A dataclass field whose metadata carries the validation rules checked by `validate`."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Shape of the random-weight Qwen2.5-VL built when `model.path` is empty (CPU demos and tests)."""
+    vocab: str = _opt("small", choices=["small", "real"], help="small: our byte-level BPE; real: Qwen2.5's 151,936")
+    hidden_size: int = _opt(64, ge=16)
+    num_layers: int = _opt(2, ge=1)
+    num_heads: int = _opt(4, ge=1)
+    num_kv_heads: int = _opt(2, ge=1)
+    intermediate_size: int = _opt(256, ge=1)
+    vision_depth: int = _opt(2, ge=1)
+    vision_hidden_size: int = _opt(64, ge=16)
+    tie_embeddings: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = _opt("", help="HF Qwen2.5-VL directory; empty builds `tiny` into the run directory")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = _opt("bfloat16", choices=["bfloat16", "float16", "float32"])
+    attention: str = _opt("sdpa", choices=["sdpa", "te", "flash"])
+    recompute: str = _opt("none", choices=["none", "selective", "full"])
+    freeze_vision: bool = False
+    ref_offload: bool = _opt(False, help="keep the reference model's weights on CPU between uses")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+@dataclass
+class SynthConfig:
+    """The embedded synthetic multimodal reasoning data (`megaapo data synth`)."""
+    n_train: int = _opt(4000, ge=1)
+    n_eval: int = _opt(200, ge=1)
+    seed: int = 0
+    tasks: list = _opt(["count", "bars", "digits"])
+    levels: list = _opt([1, 2, 3])
+    image_size: int = _opt(112, ge=28)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = _opt("", help="JSONL/Parquet file; empty generates the synthetic set into the run directory")
+    eval_path: str = ""
+    format: str = _opt("auto", choices=["auto", "megaapo", "view_r1", "r1vl"])
+    image_root: str = _opt("", help="base for relative image paths; empty means the data file's directory")
+    prompt_style: str = _opt("r1", choices=["r1", "r1vl", "direct"],
+                             help="r1: <think>/<answer>; r1vl: ### Step sections; direct: answer only")
+    system_prompt: str = ""
+    min_pixels: int = _opt(3136, ge=784)
+    max_pixels: int = _opt(1003520, ge=784)
+    max_prompt_tokens: int = _opt(4096, ge=16, help="longer prompts are skipped, never truncated")
+    shuffle: bool = True
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+# ------------------------------------------------------------------------------------------------------- rollout
+@dataclass
+class RolloutConfig:
+    engine: str = _opt("vllm", choices=["vllm"])
+    mode: str = _opt("disaggregated", choices=["disaggregated", "colocated"])
+    num_engines: int = _opt(1, ge=1)
+    tensor_parallel_size: int = _opt(1, ge=1)
+    prompts_per_step: int = _opt(128, ge=1)
+    n_samples: int = _opt(8, ge=1, help="G, responses per prompt")
+    temperature: float = _opt(1.0, gt=0.0)
+    top_p: float = _opt(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = _opt(1024, ge=1)
+    stop: list = _opt([])
+    gpu_memory_utilization: float = _opt(0.6, gt=0.0, le=1.0)
+    enforce_eager: bool = False
+    request_timeout_s: float = _opt(600.0, gt=0.0)
+    start_timeout_s: float = _opt(600.0, gt=0.0)
+    sync_bucket_mb: int = _opt(512, ge=1)
+    sync_checksum: bool = False
+    tis_cap: float = _opt(0.0, ge=0.0, help="truncated importance sampling cap; 0 disables the correction")
+
+
+# ---------------------------------------------------------------------------------------------------------- algo
+@dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment, added to the reward."""
+    enable: bool = False
+    buffer_tokens: int = _opt(256, ge=1)
+    penalty: float = _opt(1.0, ge=0.0)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = _opt("grpo", choices=["apo", "stepgrpo", "grpo", "drgrpo", "dapo", "rloo", "reinforce_pp"])
+    advantage: str = _opt("grpo", choices=["grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+    adv_eps: float = _opt(1e-6, ge=0.0)
+    std_unbiased: bool = True
+    policy_loss: str = _opt("ppo_clip", choices=["ppo_clip", "vanilla"])
+    clip_eps_low: float = _opt(0.2, ge=0.0, lt=1.0)
+    clip_eps_high: float = _opt(0.2, ge=0.0)
+    loss_agg: str = _opt("token_mean", choices=["token_mean", "seq_mean_token_mean", "seq_sum_norm"])
+    loss_agg_norm_len: int = _opt(0, ge=0, help="seq_sum_norm's constant; 0 means rollout.max_new_tokens")
+    kl_coef: float = _opt(0.0, ge=0.0)
+    kl_estimator: str = _opt("k3", choices=["k1", "k2", "k3"])
+    kl_agg: str = _opt("seq_mean_token_mean", choices=["token_mean", "seq_mean_token_mean", "seq_sum_norm"])
+    entropy_coef: float = _opt(0.0, ge=0.0)
+    dads: bool = _opt(False, help="APO: difficulty-adaptive KL weight for correct responses")
+    stcr: bool = _opt(False, help="APO: amplify negative advantages of over-long wrong responses")
+    stcr_base: float = _opt(1.00001, gt=1.0)
+    faithful_to: str = _opt("paper", choices=["paper", "code"])
+    dynamic_sampling: bool = _opt(False, help="DAPO: drop groups whose rewards are all equal")
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    updates_per_batch: int = _opt(1, ge=1, help="optimizer updates per rollout batch")
+
+
+# -------------------------------------------------------------------------------------------------------- reward
+@dataclass
+class RewardConfig:
+    functions: dict = _opt({"accuracy": 1.0, "format": 0.5}, help="registered reward name -> weight")
+    step_alpha: float = _opt(0.1, ge=0.0, help="StepRAR's weight of the matched key-step fraction")
+    faithful_to: str = _opt("paper", choices=["paper", "code"])
+    num_workers: int = _opt(2, ge=0, help="0 scores in-process (no timeout protection)")
+    timeout_s: float = _opt(5.0, gt=0.0, help="per-response; a response past it scores 0 and is counted")
+
+
+# --------------------------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    lr: float = _opt(1e-6, gt=0.0)
+    min_lr: float = _opt(0.0, ge=0.0)
+    schedule: str = _opt("cosine", choices=["cosine", "constant", "linear"])
+    warmup_ratio: float = _opt(0.0, ge=0.0, le=1.0)
+    betas: list = _opt([0.9, 0.999])
+    eps: float = _opt(1e-8, gt=0.0)
+    weight_decay: float = _opt(0.0, ge=0.0)
+    grad_clip: float = _opt(1.0, ge=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------ parallel
+@dataclass
+class ParallelConfig:
+    tp: int = _opt(1, ge=1)
+    pp: int = _opt(1, ge=1)
+    micro_batch_tokens: int = _opt(8192, ge=1, help="token budget of one packed micro-batch")
+    sequence_packing: bool = True
+    backend: str = _opt("auto", choices=["auto", "nccl", "gloo"])
+
+
+# ------------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/default"
+    device: str = _opt("auto", choices=["auto", "cpu", "cuda"])
+    seed: int = 0
+    total_steps: int = _opt(100, ge=0)
+    sft_warmup_steps: int = _opt(0, ge=0, help="supervised steps on the answer format before RL")
+    sft_lr: float = _opt(1e-5, gt=0.0)
+    eval_every: int = _opt(0, ge=0)
+    eval_size: int = _opt(200, ge=1)
+    threads: int = _opt(0, ge=0, help="torch CPU threads; 0 leaves torch's default")
+    dry_run: bool = False
+
+
+# ------------------------------------------------------------------------------------------------------- logging
+@dataclass
+class LoggingConfig:
+    wandb: str = _opt("auto", choices=["auto", "online", "offline", "disabled"],
+                      help="auto: online with WANDB_API_KEY, offline run directory otherwise")
+    project: str = "megaapo"
+    run_name: str = ""
+    console_every: int = _opt(1, ge=1)
+    jsonl: bool = True
+    plot: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class CheckpointConfig:
+    dir: str = _opt("", help="empty means <trainer.output_dir>/checkpoints")
+    every: int = _opt(0, ge=0)
+    keep_last: int = _opt(2, ge=1)
+    resume: str = _opt("auto", help="auto | none | a checkpoint directory")
+    save_on_sigterm: bool = True
+    export_hf: bool = True
+
+
+@dataclass
+class MegaapoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def resolve_preset(name_or_path: str) -> Path:
+    """`demo`, `demo.yaml`, `configs/demo.yaml` or any YAML path -> the file; unknown names list the presets."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    candidate = CONFIG_DIR / f"{stem}.yaml"
+    if candidate.is_file():
+        return candidate
+    presets = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file or preset named {name_or_path!r}{_did_you_mean(stem, presets)}; "
+                      f"presets: {', '.join(presets)}")
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> MegaapoConfig:
+    """Defaults <- preset YAML <- dotted overrides, checked, as a typed `MegaapoConfig`."""
+    schema = OmegaConf.structured(MegaapoConfig)
+    layers: list[tuple[str, dict, Optional[list[str]]]] = []   # (source, data, mapping paths it replaces)
+    if preset is not None:
+        path = resolve_preset(preset)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        layers.append((str(path), data, None))
+    if overrides:
+        layers.append(("command line", *_parse_overrides(overrides)))
+    merged = schema
+    for source, data, replaced in layers:
+        _check_keys(data, MegaapoConfig, prefix="", source=source)
+        try:
+            _clear_replaced_dicts(merged, data, MegaapoConfig, only=replaced)
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{source}: {key}: {_first_line(e)}") from None
+    cfg: MegaapoConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: MegaapoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of any config section (for W&B, checkpoints and logs)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """Dotted overrides -> (nested dict, the keys given a whole mapping, e.g. reward.functions={step_rar: 1})."""
+    out: dict = {}
+    whole: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. algo.kl_coef=0.04)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+        if isinstance(value, dict):
+            whole.append(key.strip())
+    return out, whole
+
+
+def _check_keys(data: dict, schema: type, prefix: str, source: str) -> None:
+    """Unknown keys fail with the closest valid key; the walk follows nested dataclasses only."""
+    valid = {f.name: f for f in fields(schema)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key {full!r}{_did_you_mean(str(key), list(valid), prefix)}; "
+                              f"valid keys here: {', '.join(valid)}")
+        ftype = _dataclass_type(schema, key)
+        if ftype is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full!r} is a section; set its keys, e.g. {full}.<key>=...")
+            _check_keys(value, ftype, prefix=f"{full}.", source=source)
+
+
+def _dataclass_type(schema: type, name: str) -> Optional[type]:
+    value = getattr(schema(), name)
+    return type(value) if is_dataclass(value) else None
+
+
+def _clear_replaced_dicts(merged: DictConfig, data: dict, schema: type, prefix: str = "",
+                          only: Optional[list[str]] = None) -> None:
+    """A mapping-valued option (reward.functions) given whole replaces the previous mapping; OmegaConf would union
+    them. A YAML layer always gives mappings whole; on the command line only `key={...}` does (`key.name=v` edits
+    one entry)."""
+    default = schema()
+    for key, value in data.items():
+        sub = getattr(default, key)
+        if is_dataclass(sub) and isinstance(value, dict):
+            _clear_replaced_dicts(merged, value, type(sub), f"{prefix}{key}.", only)
+        elif isinstance(sub, dict) and (only is None or f"{prefix}{key}" in only):
+            OmegaConf.update(merged, f"{prefix}{key}", {}, merge=False)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field's choices and range, then the rules that span sections."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        full = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            validate(value, prefix=f"{full}.")
+            continue
+        m = f.metadata
+        if m.get("choices") is not None and value not in m["choices"]:
+            raise ConfigError(f"{full}={value!r} is not one of {', '.join(map(str, m['choices']))}"
+                              f"{_did_you_mean(str(value), [str(c) for c in m['choices']])}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{full}={value} must be a finite number")
+            for op, bound, ok in (("ge", m.get("ge"), lambda v, b: v >= b), ("gt", m.get("gt"), lambda v, b: v > b),
+                                  ("le", m.get("le"), lambda v, b: v <= b), ("lt", m.get("lt"), lambda v, b: v < b)):
+                if bound is not None and not ok(value, bound):
+                    sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
+                    raise ConfigError(f"{full}={value} is out of range: must be {sym} {bound}")
+    if prefix == "" and isinstance(cfg, MegaapoConfig):
+        _validate_cross(cfg)
+
+
+def _validate_cross(cfg: MegaapoConfig) -> None:
+    from megaapo.rewards import REWARDS  # late import: rewards import nothing from config, keep it that way
+
+    for name, weight in cfg.reward.functions.items():
+        if name not in REWARDS:
+            raise ConfigError(f"reward.functions: unknown reward {name!r}{_did_you_mean(name, list(REWARDS))}; "
+                              f"registered: {', '.join(sorted(REWARDS))}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise ConfigError(f"reward.functions.{name}={weight!r} must be a number (its weight)")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions is empty: name at least one reward, e.g. reward.functions={accuracy: 1}")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} exceeds data.max_pixels={cfg.data.max_pixels}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.algo.advantage != "reinforce_pp" and cfg.rollout.n_samples < 2:
+        raise ConfigError(f"rollout.n_samples={cfg.rollout.n_samples}: group advantages ({cfg.algo.advantage}) "
+                          "need at least 2 responses per prompt")
+    if cfg.rollout.mode == "colocated" and cfg.trainer.device == "cpu":
+        raise ConfigError("rollout.mode=colocated needs GPUs (vLLM sleep mode); use rollout.mode=disaggregated on CPU")
+    t = cfg.model.tiny
+    if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads or (t.hidden_size // t.num_heads) % 8:
+        raise ConfigError(f"model.tiny: hidden_size={t.hidden_size} must split into num_heads={t.num_heads} heads of "
+                          f"a multiple of 8 dims, and num_heads must be a multiple of num_kv_heads={t.num_kv_heads}")
+    from megaapo.data.synth import TASKS  # the synthetic generator owns its task names
+
+    for task in cfg.data.synth.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"data.synth.tasks: unknown task {task!r}{_did_you_mean(task, list(TASKS))}; "
+                              f"tasks: {', '.join(TASKS)}")
+    for level in cfg.data.synth.levels:
+        if level not in (1, 2, 3):
+            raise ConfigError(f"data.synth.levels: {level!r} is not one of 1, 2, 3")
+
+
+def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

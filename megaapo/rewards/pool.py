@@ -1,0 +1,106 @@
+"""Reward scoring in a worker pool with a per-response timeout.
+
+Called by the training loop and evaluation on every batch of responses. A pathological response (huge LaTeX, deep
+nesting, a power tower sympy tries to evaluate) must never stall a run: each response is one task with a deadline;
+past it the worker is killed (pebble restarts it), the response scores 0 and is counted as a timeout. A worker
+that crashes scores 0 and is counted as an error. `num_workers=0` scores in-process (debugging; math-verify's own
+SIGALRM timeouts still apply there).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from megaapo.rewards import RewardInput, score_components
+
+
+@dataclass
+class RewardBatch:
+    """Scores of a batch, in input order."""
+    total: list[float]
+    components: dict[str, list[float]]
+    timeouts: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    failed: list[int] = field(default_factory=list)   # indices of responses that timed out or errored
+
+
+def _init_worker() -> None:
+    from megaapo.rewards import answers
+
+    answers.set_inner_timeout(None)
+
+
+class RewardScorer:
+    """Weighted sum of registered rewards, scored with a timeout per response.
+
+        scorer = RewardScorer({"accuracy": 1.0, "format": 0.5}, num_workers=2, timeout_s=5)
+        batch = scorer.score([RewardInput(resp, answer="3"), ...])
+        scorer.close()
+    """
+
+    def __init__(self, functions: dict[str, float], *, num_workers: int = 2, timeout_s: float = 5.0,
+                 alpha: float = 0.1, faithful_to: str = "paper"):
+        from megaapo.rewards import REWARDS
+
+        for name in functions:
+            REWARDS.get(name)  # unknown names fail here, with the registered ones listed
+        self.functions = dict(functions)
+        self.timeout_s = timeout_s
+        self.alpha = alpha
+        self.faithful_to = faithful_to
+        self._pool = None
+        if num_workers > 0:
+            from pebble import ProcessPool
+
+            # forkserver: children never inherit the trainer's threads (vLLM, torch), and restarts after a timeout
+            # are cheap because the server has already imported the reward code.
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["megaapo.rewards"])
+            self._pool = ProcessPool(max_workers=num_workers, initializer=_init_worker, context=ctx)
+
+    def score(self, inputs: list[RewardInput]) -> RewardBatch:
+        t0 = time.perf_counter()
+        names = list(self.functions)
+        for x in inputs:
+            x.alpha, x.faithful_to = self.alpha, self.faithful_to
+        zero = {n: 0.0 for n in names}
+        results: list[dict[str, float]] = []
+        timeouts = errors = 0
+        failed: list[int] = []
+        if self._pool is None:
+            for x in inputs:
+                results.append(score_components(x, names))
+        else:
+            futures = [self._pool.schedule(score_components, args=(x, names), timeout=self.timeout_s)
+                       for x in inputs]
+            for i, fut in enumerate(futures):
+                try:
+                    results.append(fut.result())
+                except FutureTimeout:
+                    timeouts += 1
+                    failed.append(i)
+                    results.append(zero)
+                except Exception:  # noqa: BLE001  (a crashed worker or a bug in a reward: score 0, count it)
+                    errors += 1
+                    failed.append(i)
+                    results.append(zero)
+        components = {n: [r[n] for r in results] for n in names}
+        total = [sum(self.functions[n] * r[n] for n in names) for r in results]
+        return RewardBatch(total=total, components=components, timeouts=timeouts, errors=errors,
+                           seconds=time.perf_counter() - t0, failed=failed)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=10)
+            self._pool = None
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
