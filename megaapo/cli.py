@@ -73,7 +73,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    table = Table(title=f"{args.path}: {report.kept} of {report.total} rows usable")
+    print(f"{args.path}: {report.kept} of {report.total} rows usable")
+    table = Table()
     table.add_column("reason")
     table.add_column("rows", justify="right")
     table.add_column("first rows")

@@ -1,9 +1,10 @@
 """Reward scoring in a worker pool with a per-response timeout.
 
 Called by the training loop and evaluation on every batch of responses. A pathological response (huge LaTeX, deep
-nesting, a power tower sympy tries to evaluate) must never stall a run: each response is one task with a deadline;
-past it the worker is killed (pebble restarts it), the response scores 0 and is counted as a timeout. A worker
-that crashes scores 0 and is counted as an error. `num_workers=0` scores in-process (debugging; math-verify's own
+nesting, a power tower sympy tries to evaluate) must never stall a run. Responses go to the workers in chunks (one
+task per response would spend more time in IPC than in scoring); a chunk that misses its deadline is re-scored one
+response per task, each with the deadline, and a response past it has its worker killed (pebble restarts it),
+scores 0 and is counted as a timeout. A worker that crashes scores 0 and is counted as an error. `num_workers=0` scores in-process (debugging; math-verify's own
 SIGALRM timeouts still apply there).
 """
 
@@ -26,6 +27,10 @@ class RewardBatch:
     errors: int = 0
     seconds: float = 0.0
     failed: list[int] = field(default_factory=list)   # indices of responses that timed out or errored
+
+
+def _score_chunk(inputs: list[RewardInput], names: list[str]) -> list[dict[str, float]]:
+    return [score_components(x, names) for x in inputs]
 
 
 def _init_worker() -> None:
@@ -53,6 +58,7 @@ class RewardScorer:
         self.alpha = alpha
         self.faithful_to = faithful_to
         self._pool = None
+        self.num_workers = num_workers
         if num_workers > 0:
             from pebble import ProcessPool
 
@@ -72,22 +78,31 @@ class RewardScorer:
         timeouts = errors = 0
         failed: list[int] = []
         if self._pool is None:
-            for x in inputs:
-                results.append(score_components(x, names))
+            results = [score_components(x, names) for x in inputs]
         else:
-            futures = [self._pool.schedule(score_components, args=(x, names), timeout=self.timeout_s)
-                       for x in inputs]
-            for i, fut in enumerate(futures):
+            results = [zero] * len(inputs)
+            size = max(1, min(64, -(-len(inputs) // (4 * self.num_workers))))
+            chunks = [list(range(i, min(i + size, len(inputs)))) for i in range(0, len(inputs), size)]
+            futures = [self._pool.schedule(_score_chunk, args=([inputs[j] for j in c], names), timeout=self.timeout_s)
+                       for c in chunks]
+            retry: list[int] = []
+            for chunk, fut in zip(chunks, futures):
                 try:
-                    results.append(fut.result())
+                    for j, r in zip(chunk, fut.result()):
+                        results[j] = r
+                except Exception:  # noqa: BLE001  (timeout or crash somewhere in the chunk: find the culprit)
+                    retry.extend(chunk)
+            singles = [(j, self._pool.schedule(score_components, args=(inputs[j], names), timeout=self.timeout_s))
+                       for j in retry]
+            for j, fut in singles:
+                try:
+                    results[j] = fut.result()
                 except FutureTimeout:
                     timeouts += 1
-                    failed.append(i)
-                    results.append(zero)
+                    failed.append(j)
                 except Exception:  # noqa: BLE001  (a crashed worker or a bug in a reward: score 0, count it)
                     errors += 1
-                    failed.append(i)
-                    results.append(zero)
+                    failed.append(j)
         components = {n: [r[n] for r in results] for n in names}
         total = [sum(self.functions[n] * r[n] for n in names) for r in results]
         return RewardBatch(total=total, components=components, timeouts=timeouts, errors=errors,

@@ -1,0 +1,98 @@
+"""Rewards: answer checking with math-verify, the R1 format, StepRAR/StepRVR rules, and the timeout pool."""
+
+import pytest
+
+from megaapo.rewards import REWARDS, RewardInput, step_rar, step_rvr
+from megaapo.rewards.answers import answers_match, extract_answer, gold_is_parsable
+from megaapo.rewards.basic import accuracy, r1_format
+from megaapo.rewards.pool import RewardScorer
+
+VALID = ("### Image Description: two red squares and one blue. ### Rationales: count all squares. "
+         "### Let's think step by step. ### Step 1: Count the red squares: 2 red. "
+         "### Step 2: Add the counts: 2 + 1 = 3. ### The final answer is: 3")
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("3", "3", True), ("3.0", "3", True), ("\\frac{1}{2}", "0.5", True), ("$\\frac{6}{2}$", "3", True),
+    ("\\boxed{3}", "3", True), ("4", "3", False), ("5 cm", "5", True), ("x = 3", "3", True),
+    ("B", "B", True), ("(B)", "B", True), ("B. 5 cm", "b", True), ("(C)", "B", False), ("The answer is (B)", "B", True),
+    ("", "3", False), (None, "3", False),
+])
+def test_answers_match(pred, gold, ok):
+    assert answers_match(pred, gold) is ok
+
+
+def test_extraction_styles():
+    assert extract_answer("<think>x</think><answer> 7 </answer>") == "7"
+    assert extract_answer("... ### The final answer is: 12") == "12"
+    assert extract_answer("### The final answer is 12 ### Step 9: junk") == "12"
+    assert extract_answer("no answer here") is None
+
+
+def test_unparsable_gold_is_detected():
+    assert gold_is_parsable("3") and gold_is_parsable("B") and gold_is_parsable("\\frac{1}{2}")
+    assert not gold_is_parsable("\\frac{1}{") and not gold_is_parsable("???") and not gold_is_parsable("")
+
+
+def test_r1_format_needs_exactly_one_of_each_tag():
+    assert r1_format("<think>a</think>\n<answer>3</answer>") == 1.0
+    assert r1_format("<answer>3</answer>") == 0.0
+    assert r1_format("<think>a</think><think>b</think><answer>3</answer>") == 0.0
+    assert r1_format("<think>a</think><answer>3</answer> trailing") == 0.0
+    assert accuracy("<think>a</think><answer>3</answer>", "3") == 1.0
+
+
+def test_step_rar_cases():
+    keys = [["2 red", "red: 2"], ["2 + 1 = 3", "2+1=3"], ["never mentioned"]]  # 2 of 3 groups match
+    k = 2 / 3
+    assert step_rar(VALID, keys, "3") == pytest.approx(1 + 0.1 * k)
+    assert step_rar(VALID.replace("is: 3", "is: 4"), keys, "3") == pytest.approx(0.1 * k)
+    no_final = VALID.split("### The final answer is")[0]
+    assert step_rar(no_final, keys, "3") == 0.0
+    assert step_rar(no_final, keys, "3", faithful_to="code") == pytest.approx(0.1 * k)
+    # matching is case-insensitive and only looks inside the Step sections
+    assert step_rar(VALID.replace("2 red", "2 RED"), [["2 red"]], "3") == pytest.approx(1.1)
+    assert step_rar(VALID, [["two red squares"]], "3") == pytest.approx(1.0)  # only in the description
+    assert step_rar(VALID, None, "3") == pytest.approx(1.0)
+
+
+def test_step_rvr_rules():
+    assert step_rvr(VALID) == 1.0
+    assert step_rvr(VALID.replace("### Rationales:", "")) == 0.0                      # missing header
+    assert step_rvr(VALID.replace("### Let's think step by step.", "")) == 0.0
+    assert step_rvr(VALID.replace("### The final answer is: 3", "")) == 0.0
+    assert step_rvr(VALID.replace("### Step 2:", "### Step 3:")) == 0.0              # misnumbered
+    assert step_rvr(VALID.replace("### Step 1:", "### Step 2:", 1).replace("### Step 2: Add", "### Step 1: Add")) == 0
+    swapped = ("### Rationales: count. ### Image Description: squares. ### Let's think step by step. "
+               "### Step 1: 2 + 1 = 3. ### The final answer is: 3")
+    assert step_rvr(swapped) == 0.0                                                   # wrong order (paper)
+    assert step_rvr(swapped, faithful_to="code") == 1.0                               # the code skips that check
+    late_step = VALID + " ### Step 3: more"
+    assert step_rvr(late_step) == 0.0                                                 # a step after the answer
+    assert step_rvr("### Image Description: x ### Rationales: y ### Let's think step by step. "
+                    "### The final answer is: 3") == 0.0                              # no steps at all
+
+
+def test_registry_names_and_errors():
+    assert set(REWARDS) == {"accuracy", "format", "step_rar", "step_rvr"}
+    with pytest.raises(KeyError, match="did you mean 'accuracy'"):
+        REWARDS.get("acuracy")
+
+
+def test_pool_scores_in_order_and_times_out_pathological_responses():
+    good = RewardInput("<think>x</think><answer>3</answer>", "3")
+    tower = RewardInput("<think>x</think><answer>9^{9^{9^{9^{9}}}}</answer>", "3")
+    wrong = RewardInput("<think>x</think><answer>\\frac{8}{2}</answer>", "3")
+    with RewardScorer({"accuracy": 1.0, "format": 0.5}, num_workers=2, timeout_s=1.5) as scorer:
+        batch = scorer.score([good, tower, wrong, good])
+        assert batch.total == [1.5, 0.0, 0.5, 1.5]
+        assert batch.timeouts == 1 and batch.failed == [1] and batch.errors == 0
+        assert batch.components["format"] == [1.0, 0.0, 1.0, 1.0]  # the timed-out response scores 0 everywhere
+        again = scorer.score([good])  # the killed worker was replaced
+        assert again.total == [1.5] and again.timeouts == 0
+
+
+def test_step_rewards_through_the_scorer():
+    x = RewardInput(VALID, "3", key_steps=[["2 red"], ["nope"]])
+    batch = RewardScorer({"step_rar": 1.0, "step_rvr": 1.0}, num_workers=0, alpha=0.1).score([x])
+    assert batch.total == [pytest.approx(1 + 0.05 + 1)]
