@@ -51,7 +51,7 @@ else
   pip_ install -q -e ".[test,gpu]"
 fi
 
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore - <<'PY'
 import importlib.metadata as m
 import torch, transformers, megatron.core, vllm, kernels, megaapo  # noqa: F401  (fails loudly if the stack is broken)
 print(f"setup: torch {torch.__version__}, transformers {transformers.__version__}, "
