@@ -4,8 +4,8 @@ Called by the training loop and evaluation on every batch of responses. A pathol
 nesting, a power tower sympy tries to evaluate) must never stall a run. Responses go to the workers in chunks (one
 task per response would spend more time in IPC than in scoring); a chunk that misses its deadline is re-scored one
 response per task, each with the deadline, and a response past it has its worker killed (pebble restarts it),
-scores 0 and is counted as a timeout. A worker that crashes scores 0 and is counted as an error. `num_workers=0` scores in-process (debugging; math-verify's own
-SIGALRM timeouts still apply there).
+scores 0 and is counted as a timeout. A worker that crashes scores 0 and is counted as an error.
+`num_workers=0` scores in-process (debugging; math-verify's own SIGALRM timeouts still apply there).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megaapo.rewards import RewardInput, score_components
 
@@ -71,10 +71,9 @@ class RewardScorer:
     def score(self, inputs: list[RewardInput]) -> RewardBatch:
         t0 = time.perf_counter()
         names = list(self.functions)
-        for x in inputs:
-            x.alpha, x.faithful_to = self.alpha, self.faithful_to
+        # the scorer's settings travel with each input; copies, so the caller's objects are left as they were
+        inputs = [replace(x, alpha=self.alpha, faithful_to=self.faithful_to) for x in inputs]
         zero = {n: 0.0 for n in names}
-        results: list[dict[str, float]] = []
         timeouts = errors = 0
         failed: list[int] = []
         if self._pool is None:
