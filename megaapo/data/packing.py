@@ -1,0 +1,91 @@
+"""Samples the learner scores or trains on, and their packing into token-budget micro-batches.
+
+A `Sample` is one prompt + response as token ids, with its images already turned into patches (the processor runs
+once, at rollout time). `pack` places samples into rows of at most `token_budget` tokens (first-fit decreasing, so
+a batch of short responses needs few forward passes) and gives each row a block-diagonal causal mask, so no token
+attends across samples, and per-sample mrope positions that restart at 0. A sample longer than the budget gets a
+row of its own. Called by `megaapo.learner`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor                      # [L] prompt + response token ids
+    prompt_len: int                              # tokens before the first response token
+    position_ids: torch.Tensor                   # [3, L] mrope positions (megaapo.models.qwen2_5_vl.rope)
+    pixel_values: torch.Tensor | None = None     # [patches, C * T * P * P] of this sample's images, in order
+    image_grid_thw: torch.Tensor | None = None   # [n_images, 3]
+
+    @property
+    def response_len(self) -> int:
+        return int(self.input_ids.shape[0]) - self.prompt_len
+
+
+@dataclass
+class MicroBatch:
+    rows: list[int]                              # indices of the packed samples in the caller's batch
+    input_ids: torch.Tensor                      # [1, T]
+    position_ids: torch.Tensor                   # [3, 1, T]
+    labels: torch.Tensor                         # [T] next token at each position (0 where none)
+    response_spans: list[tuple[int, int]]        # per sample: positions [a, b) whose next token is a response token
+    attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal (one sample)
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    num_tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+def plan(lengths: list[int], token_budget: int, packing: bool = True) -> list[list[int]]:
+    """Group sample indices into rows of at most token_budget tokens (first-fit decreasing; deterministic)."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
+    """One packed row of the given samples."""
+    parts = [samples[r] for r in rows]
+    ids = torch.cat([s.input_ids for s in parts])
+    pos = torch.cat([s.position_ids for s in parts], 1)
+    labels = torch.zeros_like(ids)
+    spans, seg, start = [], [], 0
+    for k, s in enumerate(parts):
+        n = s.input_ids.shape[0]
+        labels[start:start + n - 1] = s.input_ids[1:]
+        spans.append((start + s.prompt_len - 1, start + n - 1))
+        seg.append(torch.full((n,), k))
+        start += n
+    mask = None
+    if len(parts) > 1:
+        seg_ids = torch.cat(seg)
+        causal = torch.ones(start, start, dtype=torch.bool).tril()
+        mask = ~(causal & (seg_ids[:, None] == seg_ids[None, :]))
+        mask = mask[None, None]
+    pix = [s.pixel_values for s in parts if s.pixel_values is not None]
+    grids = [s.image_grid_thw for s in parts if s.image_grid_thw is not None]
+    return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels,
+                      response_spans=spans, attention_mask=mask, pixel_values=torch.cat(pix) if pix else None,
+                      image_grid_thw=torch.cat(grids) if grids else None, num_tokens=start)
+
+
+def pack(samples: list[Sample], token_budget: int, packing: bool = True) -> list[MicroBatch]:
+    lengths = [int(s.input_ids.shape[0]) for s in samples]
+    return [collate(samples, rows) for rows in plan(lengths, token_budget, packing)]

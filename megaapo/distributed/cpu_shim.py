@@ -1,0 +1,61 @@
+"""Lets megatron-core's parallel layers, GPTModel and pipeline schedules run on CPU (gloo) for tests and the demo.
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the math: it allocates small buffers on
+`torch.cuda.current_device()`, keeps dropout RNG states with `torch.cuda.get_rng_state`, and a few schedule counters
+are created with `device="cuda"`. On a machine without CUDA, `install()` redirects exactly those to the CPU; it does
+nothing where CUDA is available. Called once by `megaapo.distributed.init` before any model is built.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+_installed = False
+
+
+class _CudaToCpu(types.ModuleType):
+    """A stand-in for the `torch` module inside one megatron module: tensor factories called with device="cuda"
+    build on the CPU instead; everything else is torch itself."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, __f=attr, **kwargs):
+                if str(kwargs.get("device", "")).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return __f(*args, **kwargs)
+            return factory
+        return attr
+
+
+def install() -> None:
+    """Patch megatron-core's CUDA-only calls to CPU equivalents when no GPU is present (idempotent)."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # Buffers megatron allocates "on the current device" belong on the CPU here.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    # Tied embeddings across pipeline stages are moved with `.cuda()` before their first all-reduce.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    # Dropout RNG streams (the tracker) are kept as CPU generator states.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: None
+    # Schedule counters created with a literal device="cuda".
+    schedules.torch = _CudaToCpu()
+    p2p_communication.torch = _CudaToCpu()
+    _installed = True
+
+

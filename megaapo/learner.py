@@ -1,0 +1,258 @@
+"""The learner: a megatron-core Qwen2.5-VL that scores sequences (forward-only log-probs) and trains on them.
+
+Owned by train.py (policy and reference), sft and `megaapo check parity`. Everything here runs on every trainer
+rank; each rank holds its tensor/pipeline shard of the model, and megatron-core's pipeline schedule moves
+activations between stages. Results that need the lm_head (log-probs, losses, metrics) exist on the last pipeline
+stage only; other stages return None.
+
+One training step, in order:
+  1. pack the samples into micro-batches by token budget (megaapo.data.packing)
+  2. forward/backward every micro-batch through megatron's schedule (1F1B for PP > 1); the loss of a micro-batch is
+     the caller's `loss_fn` applied to its response log-probs, already normalised by the global batch, so gradients
+     simply add up
+  3. finish gradients: tied embedding (first + last stage) and data-parallel all-reduce
+  4. clip by the global gradient norm (each tensor-parallel shard counted once, replicated tensors once)
+  5. optimizer step (fp32 master weights when the model is in bf16) and learning-rate schedule
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megaapo.data.packing import MicroBatch, Sample, pack
+from megaapo.models.logprob import token_logprobs
+from megaapo.models.qwen2_5_vl.config import load_hf_config
+from megaapo.models.qwen2_5_vl.model import Qwen25VLModel
+from megaapo.models.qwen2_5_vl.rope import mrope_positions
+from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to_hf, tp_split_of
+
+# loss_fn(logp [n, R], entropy [n, R] | None, rows) -> (scalar loss normalised by the *global* batch, metrics).
+# logp row i holds the response log-probs of sample rows[i], right-padded to the longest response R.
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None", list], tuple]
+
+
+@dataclass
+class StepResult:
+    metrics: dict            # averaged over micro-batches (last stage); grad_norm and lr everywhere
+    num_microbatches: int
+
+
+class Learner:
+    def __init__(self, hf_path, groups, model_cfg, parallel_cfg, optim_cfg=None, *, total_steps: int = 1):
+        self.groups, self.parallel = groups, parallel_cfg
+        self.hf_path = str(hf_path)
+        self.hf_config = load_hf_config(hf_path)
+        self.model = Qwen25VLModel(self.hf_config, groups, dtype=model_cfg.dtype, attention=model_cfg.attention,
+                                   recompute=model_cfg.recompute).to(groups.device)
+        self.shape = self.model.shape
+        # Losses arrive already normalised by the global batch: megatron must not rescale them per micro-batch.
+        self.model.config.calculate_per_token_loss = True
+        load_into(self.model, HFReader(hf_path), self.shape, groups.tp_size, groups.tp_rank)
+        if model_cfg.freeze_vision and self.model.vision is not None:
+            self.model.vision.requires_grad_(False)
+        self.offload = model_cfg.ref_offload and optim_cfg is None and groups.device.type == "cuda"
+        self.optimizer = self.scheduler = None
+        if optim_cfg is not None:
+            self._build_optimizer(optim_cfg, total_steps)
+        else:
+            self.model.requires_grad_(False)
+            self.model.eval()
+            if self.offload:
+                self.model.to("cpu")
+        self.version = 0
+
+    # ------------------------------------------------------------------ optimizer
+    def _build_optimizer(self, cfg, total_steps: int) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.master = None
+        if params and params[0].dtype != torch.float32:
+            # bf16/fp16 model: Adam updates fp32 master copies, which are cast back after every step.
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
+        self.train_params = params
+        self.optimizer = torch.optim.AdamW(self.master or params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_ratio * total_steps)
+        floor = cfg.min_lr / cfg.lr
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if cfg.schedule == "constant":
+                return 1.0
+            frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+            return floor + (1 - floor) * decay
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.grad_clip = cfg.grad_clip
+
+    # ------------------------------------------------------------------ batches
+    def make_sample(self, input_ids, prompt_len, pixel_values=None, image_grid_thw=None) -> Sample:
+        pos = mrope_positions(input_ids, image_grid_thw, image_token_id=self.shape.image_token_id,
+                              spatial_merge_size=self.shape.spatial_merge_size,
+                              video_token_id=self.shape.video_token_id)
+        return Sample(input_ids=input_ids, prompt_len=prompt_len, position_ids=pos, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw)
+
+    def _run(self, mbs: list[MicroBatch], loss_of: Callable, forward_only: bool) -> list:
+        """megatron's forward/backward schedule over the micro-batches; returns loss_of's reports (last stage)."""
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+        from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+
+        dev = self.groups.device
+
+        def step(data_iter, model):
+            mb = next(data_iter)
+            mask = mb.attention_mask.to(dev) if mb.attention_mask is not None else None
+            pix = mb.pixel_values.to(dev) if mb.pixel_values is not None else None
+            grid = mb.image_grid_thw.to(dev) if mb.image_grid_thw is not None else None
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid)
+            return out, partial(loss_of, mb)
+
+        fb = get_forward_backward_func(pp_size=self.groups.pp_size)
+        kwargs = dict(forward_step_func=step, data_iterator=iter(mbs), model=[self.model],
+                      num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
+                      forward_only=forward_only, pg_collection=self.groups.pgc)
+        if self.groups.pp_size > 1:
+            kwargs["p2p_communicator"] = P2PCommunicator(self.groups.pp, self.model.config)
+        return fb(**kwargs)
+
+    def _response_logprobs(self, hidden, mb: MicroBatch, temperature: float, entropy: bool):
+        """Hidden [T, 1, h] of one packed row -> (logp [n, R], entropy [n, R] | None, mask [n, R])."""
+        flat = hidden[:, 0]
+        idx = torch.cat([torch.arange(a, b) for a, b in mb.response_spans]).to(flat.device)
+        lp, ent = token_logprobs(flat.index_select(0, idx), self.model.output_weight(),
+                                 mb.labels.to(flat.device).index_select(0, idx), temperature=temperature,
+                                 tp_group=self.groups.tp if self.groups.tp_size > 1 else None, entropy=entropy)
+        lens = [b - a for a, b in mb.response_spans]
+        width = max(lens)
+        mask = torch.zeros(len(lens), width, dtype=torch.bool, device=flat.device)
+        for i, n in enumerate(lens):
+            mask[i, :n] = True
+        out = lp.new_zeros(len(lens), width).masked_scatter(mask, lp)
+        ent_out = ent.new_zeros(len(lens), width).masked_scatter(mask, ent) if entropy else None
+        return out, ent_out, mask
+
+    # ------------------------------------------------------------------ public passes
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample], temperature: float = 1.0, entropy: bool = False):
+        """Forward-only response log-probs per sample (last stage; None elsewhere): list of [response_len] fp32."""
+        if self.offload:
+            self.model.to(self.groups.device)
+        self.model.eval()
+        results: dict[int, tuple] = {}
+
+        def loss_of(mb, hidden):
+            lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
+            for i, r in enumerate(mb.rows):
+                n = int(mask[i].sum())
+                results[r] = (lp[i, :n].cpu(), ent[i, :n].cpu() if entropy else None)
+            return hidden.new_zeros(()), torch.tensor(1), {}
+
+        self._run(pack(samples, self.parallel.micro_batch_tokens, self.parallel.sequence_packing), loss_of, True)
+        if self.offload:
+            self.model.to("cpu")
+        if not self.groups.last_stage:
+            return None
+        lps = [results[i][0] for i in range(len(samples))]
+        return (lps, [results[i][1] for i in range(len(samples))]) if entropy else lps
+
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, temperature: float = 1.0,
+                   entropy: bool = False) -> StepResult:
+        """One optimizer update over all samples (gradient accumulation over packed micro-batches)."""
+        self.model.train()
+        for p in self.train_params:
+            p.grad = None
+        reports: list[dict] = []
+
+        def loss_of(mb, hidden):
+            lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
+            loss, metrics = loss_fn(lp, ent, mb.rows)
+            reports.append({k: float(v) for k, v in metrics.items()})
+            return loss, torch.tensor(1), {}
+
+        mbs = pack(samples, self.parallel.micro_batch_tokens, self.parallel.sequence_packing)
+        self._run(mbs, loss_of, False)
+        self._finish_grads()
+        grad_norm = self._clip()
+        self._optimizer_step()
+        self.version += 1
+        metrics = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]} if reports else {}
+        metrics.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        return StepResult(metrics=metrics, num_microbatches=len(mbs))
+
+    # ------------------------------------------------------------------ gradient plumbing
+    def _finish_grads(self) -> None:
+        g = self.groups
+        if self.shape.tie_embeddings and g.pp_size > 1 and (g.first_stage or g.last_stage):
+            w = self.model.lm.shared_embedding_or_output_weight()
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            dist.all_reduce(w.grad, group=g.embd)
+        if g.dp_size > 1:
+            # Losses are normalised by the global batch, so data-parallel gradients add (SUM, not mean).
+            for p in self.train_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=g.dp)
+
+    def _clip(self) -> float:
+        g = self.groups
+        sq = torch.zeros((), dtype=torch.float64, device=g.device)
+        tied_copy = self.shape.tie_embeddings and g.pp_size > 1 and not g.first_stage
+        for name, p in self.model.named_parameters():
+            if p.grad is None or not p.requires_grad:
+                continue
+            if tied_copy and name == "lm.output_layer.weight":
+                continue   # the first stage counts the tied embedding
+            if not getattr(p, "tensor_model_parallel", False) and g.tp_rank != 0:
+                continue   # replicated across TP: count once
+            sq += p.grad.double().pow(2).sum()
+        if g.tp_size > 1:
+            dist.all_reduce(sq, group=g.tp)
+        if g.pp_size > 1:
+            dist.all_reduce(sq, group=g.pp)
+        norm = float(sq.sqrt())
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            for p in self.train_params:
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_clip / (norm + 1e-6))
+        return norm
+
+    def _optimizer_step(self) -> None:
+        if self.master is not None:
+            for m, p in zip(self.master, self.train_params):
+                m.grad = p.grad.float() if p.grad is not None else None
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.master is not None:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.train_params):
+                    p.copy_(m)
+
+    # ------------------------------------------------------------------ weights out
+    def hf_weights(self, dtype: torch.dtype | None = None):
+        """Yield this pipeline stage's parameters as full HF (name, tensor) pairs, gathered over TP.
+
+        Every TP rank must iterate (the gathers are collective); tensors are yielded on TP rank 0 only.
+        Used by the weight broadcast to rollout engines and by HF export."""
+        g = self.groups
+        for key, param in self.model.state_dict().items():
+            if key.endswith("_extra_state"):
+                continue
+            if self.shape.tie_embeddings and key == "lm.output_layer.weight" and g.pp_size > 1:
+                continue   # the first stage sends the tied embedding
+            t = param.detach()
+            if g.tp_size > 1 and tp_split_of(key) is not None:
+                parts = [torch.empty_like(t) for _ in range(g.tp_size)]
+                dist.all_gather(parts, t.contiguous(), group=g.tp)
+                t = gather_tp(key, parts)
+            if g.tp_rank == 0:
+                for name, full in to_hf(key, t, self.shape, self.model.layer_offset):
+                    yield name, (full.to(dtype) if dtype is not None else full)
