@@ -5,6 +5,9 @@
     megaapo data synth --out DIR --n N --seed S         render the synthetic multimodal reasoning dataset
     megaapo data check PATH [--model DIR]               validate a data file and print counts per skip reason
     megaapo model tiny --out DIR [--vocab small|real]   write a tiny random-weight Qwen2.5-VL checkpoint
+    megaapo convert hf-to-mcore SRC DST --tp T --pp P   shard an HF checkpoint for the learner
+    megaapo convert mcore-to-hf SRC DST                 gather a sharded checkpoint back to HF (bit-exact)
+    megaapo check parity --hf DIR --tp T --pp P         learner vs transformers: logits, log-probs, gradients
 
 User mistakes (bad config keys, missing files, unusable data) end with one clear message and exit code 2.
 """
@@ -106,6 +109,38 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- convert, check
+def cmd_convert(args: argparse.Namespace) -> int:
+    from megaapo.convert import hf_to_mcore, mcore_to_hf
+
+    t0 = time.perf_counter()
+    if args.convert_command == "hf-to-mcore":
+        out = hf_to_mcore(args.src, args.dst, tp=args.tp, pp=args.pp)
+    else:
+        out = mcore_to_hf(args.src, args.dst)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_check_parity(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from megaapo.parity import check
+
+    res = check(args.hf, tp=args.tp, pp=args.pp)
+    table = Table(title=f"megatron-core learner vs transformers, tp={args.tp} pp={args.pp} (fp32)")
+    for col in ("quantity", "max relative error", f"within {args.tol:g}"):
+        table.add_column(col)
+    ok = True
+    for q in ("logits", "logp", "grads"):
+        good = res[q] <= args.tol
+        ok &= good
+        label = f"grads ({res['n_grads']} tensors; worst {res['worst_grad']})" if q == "grads" else q
+        table.add_row(label, f"{res[q]:.2e}", "yes" if good else "NO")
+    _console().print(table)
+    return 0 if ok else 1
+
+
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from megaapo.assets import prepare_inputs
@@ -183,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tiny.set_defaults(fn=cmd_model_tiny)
+
+    cv = sub.add_parser("convert", help="checkpoint conversion").add_subparsers(dest="convert_command", required=True)
+    h2m = cv.add_parser("hf-to-mcore", help="HF directory -> megatron-core shards for a TP x PP layout")
+    h2m.add_argument("src")
+    h2m.add_argument("dst")
+    h2m.add_argument("--tp", type=int, default=1)
+    h2m.add_argument("--pp", type=int, default=1)
+    h2m.set_defaults(fn=cmd_convert)
+    m2h = cv.add_parser("mcore-to-hf", help="megatron-core shards -> HF directory (transformers, vLLM)")
+    m2h.add_argument("src")
+    m2h.add_argument("dst")
+    m2h.set_defaults(fn=cmd_convert)
+
+    ck = sub.add_parser("check", help="correctness checks").add_subparsers(dest="check_command", required=True)
+    par = ck.add_parser("parity", help="learner vs transformers on the same weights and a batch with images")
+    par.add_argument("--hf", required=True, help="HF Qwen2.5-VL directory (fp32 recommended)")
+    par.add_argument("--tp", type=int, default=1)
+    par.add_argument("--pp", type=int, default=1)
+    par.add_argument("--tol", type=float, default=1e-4, help="max relative error accepted")
+    par.set_defaults(fn=cmd_check_parity)
     return p
 
 

@@ -18,8 +18,10 @@ One training step, in order:
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,14 +48,21 @@ class StepResult:
 class Learner:
     def __init__(self, hf_path, groups, model_cfg, parallel_cfg, optim_cfg=None, *, total_steps: int = 1):
         self.groups, self.parallel = groups, parallel_cfg
-        self.hf_path = str(hf_path)
-        self.hf_config = load_hf_config(hf_path)
+        from megaapo.convert import MCORE_META, load_mcore_into
+
+        src = Path(hf_path)
+        sharded = (src / MCORE_META).is_file()   # an `megaapo convert hf-to-mcore` directory
+        self.hf_dir = src / "hf" if sharded else src
+        self.hf_config = load_hf_config(self.hf_dir)
         self.model = Qwen25VLModel(self.hf_config, groups, dtype=model_cfg.dtype, attention=model_cfg.attention,
                                    recompute=model_cfg.recompute).to(groups.device)
         self.shape = self.model.shape
         # Losses arrive already normalised by the global batch: megatron must not rescale them per micro-batch.
         self.model.config.calculate_per_token_loss = True
-        load_into(self.model, HFReader(hf_path), self.shape, groups.tp_size, groups.tp_rank)
+        if sharded:
+            load_mcore_into(self.model, src, groups.tp_size, groups.tp_rank, groups.pp_size, groups.pp_rank)
+        else:
+            load_into(self.model, HFReader(src), self.shape, groups.tp_size, groups.tp_rank)
         if model_cfg.freeze_vision and self.model.vision is not None:
             self.model.vision.requires_grad_(False)
         self.offload = model_cfg.ref_offload and optim_cfg is None and groups.device.type == "cuda"
@@ -211,8 +220,8 @@ class Learner:
                 continue
             if tied_copy and name == "lm.output_layer.weight":
                 continue   # the first stage counts the tied embedding
-            if not getattr(p, "tensor_model_parallel", False) and g.tp_rank != 0:
-                continue   # replicated across TP: count once
+            if tp_split_of(name) is None and g.tp_rank != 0:
+                continue   # replicated across TP: count once (megatron's own attribute is unset without init)
             sq += p.grad.double().pow(2).sum()
         if g.tp_size > 1:
             dist.all_reduce(sq, group=g.tp)
@@ -256,3 +265,29 @@ class Learner:
             if g.tp_rank == 0:
                 for name, full in to_hf(key, t, self.shape, self.model.layer_offset):
                     yield name, (full.to(dtype) if dtype is not None else full)
+
+    def export_hf(self, out_dir, dtype: torch.dtype | None = None) -> Path:
+        """Write the current policy as an HF directory that transformers and vLLM load (collective on all ranks):
+        one safetensors file per pipeline stage plus the index, config and tokenizer files."""
+        from safetensors.torch import save_file
+
+        from megaapo.convert import _SIDE_FILES
+
+        g, out = self.groups, Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fname = f"model-{g.pp_rank + 1:05d}-of-{g.pp_size:05d}.safetensors"
+        tensors = {k: v.contiguous().cpu() for k, v in self.hf_weights(dtype)}
+        if g.tp_rank == 0 and g.dp_rank == 0:
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, (fname, sorted(tensors)) if g.tp_rank == 0 and g.dp_rank == 0 else None)
+        if dist.get_rank() == 0:
+            weight_map = {n: f for item in names if item for f, ns in [item] for n in ns}
+            import json
+            (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                         indent=2))
+            for name in _SIDE_FILES:
+                if (self.hf_dir / name).is_file():
+                    shutil.copy2(self.hf_dir / name, out / name)
+        dist.barrier()
+        return out

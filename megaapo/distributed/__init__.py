@@ -104,6 +104,20 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def spawn(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, port, *args) in world_size fresh processes (tests, `megaapo check`); raises if any
+    rank fails. Each process reads its rank from the arguments and sets the torch.distributed environment itself."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(fn, args=(world_size, _free_port(), *args), nprocs=world_size, start_method="spawn",
+                       join=True)
+
+
+def set_rank_env(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 def _free_port() -> int:
     import socket
 

@@ -1,0 +1,270 @@
+"""The megatron-core learner against transformers: parity at every TP x PP layout on gloo, packing, training,
+checkpoint conversion round trips, and the errors of bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import tests/dist_workers.py by name
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    from megaapo.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tied") / "model", vocab="small", tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def real_vocab_model(tmp_path_factory):
+    from megaapo.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("real") / "model", vocab="real")
+
+
+def test_mrope_positions_match_transformers(tiny_model):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megaapo.models.qwen2_5_vl.rope import mrope_positions
+    from megaapo.parity import parity_batch
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    for s in parity_batch(tiny_model):
+        ref, _ = hf.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None], s["image_grid_thw"])
+        got = mrope_positions(s["input_ids"], s["image_grid_thw"], image_token_id=hf.config.image_token_id,
+                              spatial_merge_size=2)
+        assert torch.equal(got, ref[:, 0])
+        assert got[1].max() > got[0][s["input_ids"] == hf.config.image_token_id].max()  # a real 2D grid
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parity_with_transformers(tiny_model, tp, pp):
+    from megaapo.parity import check
+
+    res = check(tiny_model, tp=tp, pp=pp)
+    assert res["n_grads"] == 57
+    assert res["logits"] <= TOL and res["logp"] <= TOL, res
+    assert res["grads"] <= TOL, res
+
+
+@pytest.mark.distributed
+def test_parity_tied_embeddings_across_stages(tied_model):
+    from megaapo.parity import check
+
+    res = check(tied_model, tp=2, pp=2)
+    assert res["n_grads"] == 56   # no lm_head: the embedding's gradient sums both uses
+    assert max(res["logits"], res["logp"], res["grads"]) <= TOL, res
+
+
+def test_check_parity_cli(tiny_model, capsys):
+    from megaapo.cli import main
+
+    assert main(["check", "parity", "--hf", str(tiny_model), "--tp", "1", "--pp", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "logits" in out and "yes" in out and "NO" not in out
+    # A tolerance nothing can meet fails the command.
+    assert main(["check", "parity", "--hf", str(tiny_model), "--tol", "0"]) == 1
+
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_model):
+    from megaapo.distributed import destroy
+    from dist_workers import _learner
+
+    lr = _learner(tiny_model, 1, 1)
+    yield lr
+    destroy()
+
+
+def _samples(learner, model_path, n_copies=1):
+    from megaapo.parity import parity_batch
+
+    batch = parity_batch(model_path)
+    return [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
+            for s in batch] * n_copies
+
+
+def test_packed_batch_equals_unpacked(learner, tiny_model):
+    samples = _samples(learner, tiny_model, 2)
+    learner.parallel.sequence_packing = False
+    alone = learner.logprobs(samples)
+    learner.parallel.sequence_packing = True
+    learner.parallel.micro_batch_tokens = 10**6
+    from megaapo.data.packing import pack
+    assert len(pack(samples, 10**6)) == 1          # all four really share one row
+    packed = learner.logprobs(samples)
+    for a, b in zip(alone, packed):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
+    # A budget smaller than the batch splits it into several rows with the same result.
+    learner.parallel.micro_batch_tokens = max(len(s.input_ids) for s in samples) + 1
+    assert len(pack(samples, learner.parallel.micro_batch_tokens)) > 1
+    for a, b in zip(alone, learner.logprobs(samples)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_pack_plan_respects_budget():
+    from megaapo.data.packing import plan
+
+    rows = plan([5, 9, 3, 7, 2, 12], token_budget=12)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    lengths = [5, 9, 3, 7, 2, 12]
+    assert all(sum(lengths[i] for i in r) <= 12 for r in rows)
+    assert rows == [[5], [1, 2], [0, 3], [4]]   # first-fit decreasing: 12 | 9+3 | 7+5 | 2
+    assert plan([20], token_budget=8) == [[0]]   # longer than the budget: a row of its own
+
+
+@pytest.mark.distributed
+def test_training_steps_match_across_layouts(tiny_model, tmp_path):
+    """Two policy-gradient updates at tp=2 x pp=2 give the single-process run's losses, gradient norms and new
+    log-probs, and move log-probs the way the advantages say."""
+    from megaapo.distributed import spawn
+
+    from dist_workers import train_worker
+
+    runs = {}
+    for tp, pp in [(1, 1), (2, 2)]:
+        spawn(train_worker, tp * pp, str(tiny_model), tp, pp, str(tmp_path / f"{tp}x{pp}.pt"))
+        runs[tp, pp] = torch.load(tmp_path / f"{tp}x{pp}.pt")
+    ref, got = runs[1, 1], runs[2, 2]
+    for a, b in zip(got["after"], ref["after"]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4)
+    for m, r in zip(got["metrics"], ref["metrics"]):
+        assert abs(m["pg_loss"] - r["pg_loss"]) <= 1e-5
+        assert abs(m["grad_norm"] - r["grad_norm"]) <= 1e-4 * r["grad_norm"]
+    # Positive advantage (rows 0, 2) raises the response's log-prob; negative (1, 3) lowers it.
+    delta = [float((a - o).sum()) for a, o in zip(ref["after"], ref["old"])]
+    assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
+
+
+@pytest.mark.distributed
+def test_export_from_tp2_pp2_is_bit_exact(tiny_model, tmp_path):
+    from megaapo.distributed import spawn
+    from megaapo.models.qwen2_5_vl.weights import HFReader
+
+    from dist_workers import export_worker
+
+    spawn(export_worker, 4, str(tiny_model), 2, 2, str(tmp_path / "out"))
+    src, out = HFReader(tiny_model), HFReader(tmp_path / "out")
+    assert src.keys() == out.keys()
+    assert all(torch.equal(src.get(k), out.get(k)) for k in src.keys())
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out")   # loadable by transformers
+
+
+@pytest.mark.parametrize("which,tp,pp", [("real", 2, 2), ("tied", 2, 1), ("tied", 1, 2)])
+def test_convert_round_trip_is_bit_exact(which, tp, pp, real_vocab_model, tied_model, tmp_path):
+    from megaapo.cli import main
+
+    src = real_vocab_model if which == "real" else tied_model
+    assert main(["convert", "hf-to-mcore", str(src), str(tmp_path / "mc"), "--tp", str(tp), "--pp", str(pp)]) == 0
+    assert main(["convert", "mcore-to-hf", str(tmp_path / "mc"), str(tmp_path / "back")]) == 0
+    a, b = load_file(f"{src}/model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if which == "real":
+        assert a["model.embed_tokens.weight"].shape[0] == 151936
+
+
+def test_learner_loads_converted_checkpoint(learner, tiny_model, tmp_path):
+    """A tp=1 x pp=1 mcore directory loads into the learner with the same keys as the model's state dict."""
+    from megaapo.convert import hf_to_mcore, load_mcore_into
+
+    hf_to_mcore(tiny_model, tmp_path / "mc", 1, 1, progress=False)
+    before = {k: v.clone() for k, v in learner.model.state_dict().items() if not k.endswith("_extra_state")}
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.zero_()
+    load_mcore_into(learner.model, tmp_path / "mc", 1, 0, 1, 0)
+    after = learner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_not_qwen2_5_vl_is_refused(tiny_model, tmp_path):
+    from megaapo.cli import main
+
+    bad = _copy(tiny_model, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    cfg["architectures"] = ["LlavaForConditionalGeneration"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="qwen2_5_vl|llava"):
+        from megaapo.models.qwen2_5_vl.config import load_hf_config
+        load_hf_config(bad)
+    assert main(["convert", "hf-to-mcore", str(bad), str(tmp_path / "mc")]) == 2
+
+
+def test_missing_tensor_is_named(tiny_model, tmp_path, capsys):
+    from megaapo.cli import main
+
+    bad = _copy(tiny_model, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, bad / "model.safetensors")
+    assert main(["convert", "hf-to-mcore", str(bad), str(tmp_path / "mc")]) == 2
+    assert "model.layers.1.self_attn.k_proj.weight" in capsys.readouterr().err
+
+
+def test_missing_tensor_leaves_learner_unbuilt(learner, tiny_model, tmp_path):
+    """load_into reads every shard before writing any: the model keeps its weights when a tensor is missing."""
+    from megaapo.models.qwen2_5_vl.config import CheckpointError
+    from megaapo.models.qwen2_5_vl.weights import HFReader, load_into
+
+    bad = _copy(tiny_model, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.norm.weight"]
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, bad / "model.safetensors")
+    before = learner.model.lm.embedding.word_embeddings.weight.clone()
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        load_into(learner.model, HFReader(bad), learner.shape, 1, 0)
+    assert torch.equal(before, learner.model.lm.embedding.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("tp,pp,setting", [(4, 1, "num_key_value_heads=2"), (1, 3, "num_hidden_layers=2"),
+                                           (3, 1, "parallel.tp=3")])
+def test_layout_that_does_not_divide_is_refused(tiny_model, tmp_path, capsys, tp, pp, setting):
+    from megaapo.cli import main
+
+    assert main(["convert", "hf-to-mcore", str(tiny_model), str(tmp_path / "mc"), "--tp", str(tp),
+                 "--pp", str(pp)]) == 2
+    err = capsys.readouterr().err
+    assert setting in err
+    assert not (tmp_path / "mc").exists()
+
+
+def test_mcore_checkpoint_missing_shard(tiny_model, tmp_path, capsys):
+    from megaapo.cli import main
+
+    assert main(["convert", "hf-to-mcore", str(tiny_model), str(tmp_path / "mc"), "--tp", "2"]) == 0
+    (tmp_path / "mc" / "tp01_pp000" / "model.safetensors").unlink()
+    assert main(["convert", "mcore-to-hf", str(tmp_path / "mc"), str(tmp_path / "back")]) == 2
+    assert "tp01_pp000" in capsys.readouterr().err
+
+
+def test_image_tokens_without_features_are_refused(learner, tiny_model):
+    from megaapo.parity import parity_batch
+
+    s = parity_batch(tiny_model)[0]
+    ids = s["input_ids"].clone()
+    # A response that samples an extra <|image_pad|>: the image gives fewer features than there are image tokens.
+    ids[-2] = learner.shape.image_token_id
+    with pytest.raises(ValueError, match="image"):
+        learner.logprobs([learner.make_sample(ids, s["prompt_len"], s["pixel_values"], s["image_grid_thw"])])
