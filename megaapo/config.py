@@ -113,6 +113,11 @@ class RolloutConfig:
     sync_bucket_mb: int = _opt(512, ge=1)
     sync_checksum: bool = False
     tis_cap: float = _opt(0.0, ge=0.0, help="truncated importance sampling cap; 0 disables the correction")
+    max_model_len: int = _opt(0, ge=0, help="engine context length (prompt + response); 0: the model's own")
+    max_images_per_prompt: int = _opt(1, ge=0)
+    addresses: list = _opt([], help="running engines (tcp://host:port, one per engine; see megaapo.rollout.server); "
+                                    "empty: the trainer starts num_engines engines itself")
+    sync_host: str = _opt("", help="address engines use to reach the trainer's weight-sync rank; empty: automatic")
 
 
 # ---------------------------------------------------------------------------------------------------------- algo
@@ -202,7 +207,9 @@ class LoggingConfig:
     wandb: str = _opt("auto", choices=["auto", "online", "offline", "disabled"],
                       help="auto: online with WANDB_API_KEY, offline run directory otherwise")
     project: str = "megaapo"
+    entity: str = _opt("", help="W&B team or user; empty uses the account's default")
     run_name: str = ""
+    tags: list = _opt([], help="W&B run tags")
     console_every: int = _opt(1, ge=1)
     jsonl: bool = True
     plot: bool = True
@@ -215,7 +222,8 @@ class CheckpointConfig:
     every: int = _opt(0, ge=0)
     keep_last: int = _opt(2, ge=1)
     resume: str = _opt("auto", help="auto | none | a checkpoint directory")
-    save_on_sigterm: bool = True
+    save_on_sigterm: bool = _opt(True, help="on SIGTERM/SIGUSR1 (SLURM pre-emption) save at the next step, then exit")
+    checksum: bool = _opt(False, help="sha256 of every file in the manifest, checked when the checkpoint is loaded")
     export_hf: bool = True
 
 
