@@ -105,9 +105,9 @@ class Learner:
     def make_sample(self, input_ids, prompt_len, pixel_values=None, image_grid_thw=None) -> Sample:
         pos = mrope_positions(input_ids, image_grid_thw, image_token_id=self.shape.image_token_id,
                               spatial_merge_size=self.shape.spatial_merge_size,
-                              video_token_id=self.shape.video_token_id)
+                              video_token_id=self.shape.video_token_id, prompt_len=prompt_len)
         return Sample(input_ids=input_ids, prompt_len=prompt_len, position_ids=pos, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw)
+                      image_grid_thw=image_grid_thw, image_token_id=self.shape.image_token_id)
 
     def _run(self, mbs: list[MicroBatch], loss_of: Callable, forward_only: bool) -> list:
         """megatron's forward/backward schedule over the micro-batches; returns loss_of's reports (last stage)."""
@@ -121,7 +121,8 @@ class Learner:
             mask = mb.attention_mask.to(dev) if mb.attention_mask is not None else None
             pix = mb.pixel_values.to(dev) if mb.pixel_values is not None else None
             grid = mb.image_grid_thw.to(dev) if mb.image_grid_thw is not None else None
-            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid)
+            img = mb.image_mask.to(dev) if mb.image_mask is not None else None
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid, img)
             return out, partial(loss_of, mb)
 
         fb = get_forward_backward_func(pp_size=self.groups.pp_size)

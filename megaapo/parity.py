@@ -11,7 +11,6 @@ a scratch directory and the parent merges them. Used by the CLI and tests/test_l
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -73,8 +72,9 @@ def _hf_name(module_name: str) -> str:
 
 def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: int, out_dir: str) -> None:
     """One learner rank: logits, log-probs and gradients of its shard, written to out_dir/rank{rank}.pt."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      LOCAL_RANK=str(rank))
+    from megaapo.distributed import set_rank_env
+
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -122,14 +122,11 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
 
 def run_learner(hf_path, tp: int, pp: int) -> dict:
     """Start tp x pp learner processes and merge what they computed."""
-    import torch.multiprocessing as mp
-
-    from megaapo.distributed import _free_port
+    from megaapo.distributed import spawn
 
     world = tp * pp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(learner_worker, args=(world, _free_port(), str(hf_path), tp, pp, tmp), nprocs=world,
-                           start_method="spawn", join=True)
+        spawn(learner_worker, world, str(hf_path), tp, pp, tmp)
         merged: dict = {"grads": {}}
         for r in range(world):
             part = torch.load(Path(tmp) / f"rank{r}.pt")

@@ -259,12 +259,24 @@ def test_mcore_checkpoint_missing_shard(tiny_model, tmp_path, capsys):
     assert "tp01_pp000" in capsys.readouterr().err
 
 
-def test_image_tokens_without_features_are_refused(learner, tiny_model):
+def test_image_pad_sampled_in_a_response_is_a_token(learner, tiny_model):
+    """A policy may sample <|image_pad|>: in a response it is an ordinary token (text position, no features),
+    as vLLM treats it, instead of a crash over image tokens vs features."""
     from megaapo.parity import parity_batch
 
     s = parity_batch(tiny_model)[0]
     ids = s["input_ids"].clone()
-    # A response that samples an extra <|image_pad|>: the image gives fewer features than there are image tokens.
     ids[-2] = learner.shape.image_token_id
-    with pytest.raises(ValueError, match="image"):
-        learner.logprobs([learner.make_sample(ids, s["prompt_len"], s["pixel_values"], s["image_grid_thw"])])
+    sample = learner.make_sample(ids, s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
+    assert sample.position_ids[0, -2] == sample.position_ids[0, -3] + 1   # text position
+    lp = learner.logprobs([sample])[0]
+    assert lp.shape == (len(ids) - s["prompt_len"],) and torch.isfinite(lp).all()
+
+
+def test_image_tokens_without_features_are_refused(learner, tiny_model):
+    from megaapo.parity import parity_batch
+
+    s = parity_batch(tiny_model)[0]
+    # Prompt image tokens but no pixels: a clear error, not a shape crash deep inside.
+    with pytest.raises(ValueError, match="image_grid_thw|pixel_values"):
+        learner.logprobs([learner.make_sample(s["input_ids"], s["prompt_len"])])

@@ -21,6 +21,7 @@ class Sample:
     position_ids: torch.Tensor                   # [3, L] mrope positions (megaapo.models.qwen2_5_vl.rope)
     pixel_values: torch.Tensor | None = None     # [patches, C * T * P * P] of this sample's images, in order
     image_grid_thw: torch.Tensor | None = None   # [n_images, 3]
+    image_token_id: int = -1                     # which prompt tokens take image features
 
     @property
     def response_len(self) -> int:
@@ -35,6 +36,7 @@ class MicroBatch:
     labels: torch.Tensor                         # [T] next token at each position (0 where none)
     response_spans: list[tuple[int, int]]        # per sample: positions [a, b) whose next token is a response token
     attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal (one sample)
+    image_mask: torch.Tensor | None = None       # [1, T] positions that take image features (prompt image pads)
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     num_tokens: int = 0
@@ -66,12 +68,14 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
     ids = torch.cat([s.input_ids for s in parts])
     pos = torch.cat([s.position_ids for s in parts], 1)
     labels = torch.zeros_like(ids)
+    in_prompt = torch.zeros(ids.shape[0], dtype=torch.bool)
     spans, seg, start = [], [], 0
     for k, s in enumerate(parts):
         n = s.input_ids.shape[0]
         labels[start:start + n - 1] = s.input_ids[1:]
         spans.append((start + s.prompt_len - 1, start + n - 1))
         seg.append(torch.full((n,), k))
+        in_prompt[start:start + s.prompt_len] = True
         start += n
     mask = None
     if len(parts) > 1:
@@ -81,8 +85,13 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
         mask = mask[None, None]
     pix = [s.pixel_values for s in parts if s.pixel_values is not None]
     grids = [s.image_grid_thw for s in parts if s.image_grid_thw is not None]
+    image_mask = None
+    if pix:
+        # Image features go to the prompts' image pads only; an image-pad id sampled in a response is a token.
+        image_mask = (in_prompt & (ids == parts[0].image_token_id))[None] if parts[0].image_token_id >= 0 else None
     return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels,
-                      response_spans=spans, attention_mask=mask, pixel_values=torch.cat(pix) if pix else None,
+                      response_spans=spans, attention_mask=mask, image_mask=image_mask,
+                      pixel_values=torch.cat(pix) if pix else None,
                       image_grid_thw=torch.cat(grids) if grids else None, num_tokens=start)
 
 

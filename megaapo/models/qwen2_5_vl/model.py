@@ -59,10 +59,12 @@ class Qwen25VLModel(nn.Module):
             return self.lm.shared_embedding_or_output_weight()
         return self.lm.output_layer.weight
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Word embeddings [s, b, h] with image features in place of the image-pad tokens."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_mask=None) -> torch.Tensor:
+        """Word embeddings [s, b, h] with image features in place of the image-pad tokens (image_mask [b, s]; by
+        default every image-pad token)."""
         emb = self.lm.embedding(input_ids=input_ids, position_ids=None)
-        image_mask = input_ids == self.shape.image_token_id
+        if image_mask is None:
+            image_mask = input_ids == self.shape.image_token_id
         n_tokens = int(image_mask.sum())
         if pixel_values is None:
             if n_tokens:
@@ -76,8 +78,9 @@ class Qwen25VLModel(nn.Module):
         emb = emb.masked_scatter(image_mask.unsqueeze(-1), feats.to(emb.dtype))
         return emb.transpose(0, 1).contiguous()
 
-    def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                image_mask=None):
         """input_ids [b, s], position_ids [3, b, s], attention_mask [b, 1, s, s] (True = masked) or None (causal)."""
-        hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         rotary = self.lm.rotary_pos_emb(position_ids, self.lm.mrope_section)
         return self.lm.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)

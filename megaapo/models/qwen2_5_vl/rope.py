@@ -13,16 +13,21 @@ import torch
 
 
 def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *, image_token_id: int,
-                    spatial_merge_size: int, video_token_id: int | None = None) -> torch.Tensor:
-    """input_ids [L] (one sequence), image_grid_thw [n_images, 3] in order of appearance -> positions [3, L]."""
+                    spatial_merge_size: int, video_token_id: int | None = None,
+                    prompt_len: int | None = None) -> torch.Tensor:
+    """input_ids [L] (one sequence), image_grid_thw [n_images, 3] in order of appearance -> positions [3, L].
+
+    Images live in the prompt: tokens at or after `prompt_len` are text even when a policy samples an image-pad id
+    (vLLM decodes them as text too)."""
     ids = input_ids.tolist()
-    if video_token_id is not None and video_token_id in ids:
+    limit = len(ids) if prompt_len is None else prompt_len
+    if video_token_id is not None and video_token_id in ids[:limit]:
         raise ValueError("video inputs are not supported by megaapo's learner yet")
     grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw]
     out = torch.empty(3, len(ids), dtype=torch.long)
     pos, i, g = 0, 0, 0
     while i < len(ids):
-        if ids[i] != image_token_id:
+        if ids[i] != image_token_id or i >= limit:
             out[:, i] = pos
             pos, i = pos + 1, i + 1
             continue
