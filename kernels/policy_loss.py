@@ -1,0 +1,505 @@
+"""Fused RL policy loss: ratio, PPO-clip (separate low/high eps), KL k1/k2/k3 with per-sequence weights, masks and
+the loss aggregation modes of `megaapo.algos.losses`, forward and backward.
+
+Called by the learner on per-token log-probs (and by `kernels.fused_policy_loss`, which reuses the kernels below
+inside the log-prob pass). Public API: `policy_loss` (autograd-aware, same signature and semantics as
+`megaapo.algos.losses.policy_loss`, plus `seq_index` for packed batches) and `policy_loss_reference`.
+
+Layouts: padded token tensors [B, T] (sequence = row), or packed flat tokens [N] with `seq_index` [N] in [0, S)
+and per-sequence tensors [S]. The settings object `s` is duck-typed: `megaapo.algos.losses.LossSettings` or this
+module's `LossSettings` (same fields).
+
+What is fused. Forward: one token-parallel kernel computes every per-token term (ratio, clipped surrogate, KL,
+clip flag) and reduces them into per-sequence sums with atomics (one scalar atomic per block when the block lies
+in one sequence), then one single-program kernel turns the sums into the aggregation coefficients, the loss and
+the metrics; no host sync anywhere. Backward: one token-parallel kernel recomputes the per-token terms and writes
+dL/dlogp (and dL/dentropy). Launches: a zero-fill, two kernels forward, one backward. Memory traffic: the token
+inputs are read twice (forward, backward) and dL/dlogp written once, ~30 B/token; per-sequence state is O(S).
+Deviation from plain PyTorch: masked-out tokens contribute exactly 0 even if their inputs are NaN/inf.
+
+Fallback: on CPU tensors without TRITON_INTERPRET=1 `policy_loss` runs `policy_loss_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import next_pow2, use_triton
+
+PG_MODES = {"ppo_clip": 0, "vanilla": 1}
+KL_MODES = {"k1": 1, "k2": 2, "k3": 3}
+AGG_MODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_sum_norm": 2}
+METRICS = ("pg_loss", "clip_frac", "kl", "kl_loss", "entropy")
+_K = 6   # per-sequence sums: mask, m*tis*pg, m*w*kl, m*clipped, m*kl, m*entropy
+BLOCK = 1024   # tokens per program of the token kernels (tests shrink it to cross sequence boundaries)
+
+
+@dataclass
+class LossSettings:
+    """Mirror of `megaapo.algos.losses.LossSettings` (kernels import nothing from megaapo)."""
+    policy_loss: str = "ppo_clip"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    loss_agg: str = "token_mean"
+    loss_agg_norm_len: int = 0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_agg: str = "seq_mean_token_mean"
+    entropy_coef: float = 0.0
+
+
+def _mode(table, name, what):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _token_terms(lp, old, ref, adv, eps_low, eps_high, PG: tl.constexpr, KL: tl.constexpr):
+    """Per-token (pg, clipped, dpg/dlp, kl, dkl/dlp)."""
+    ratio = tl.exp(lp - old)
+    if PG == 0:
+        u = ratio * adv
+        c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
+        clipped = c < u
+        pg = -tl.minimum(u, c)
+        # the clamp branch is active only when it is strictly smaller; on ties both branches carry -A*rho
+        dpg = tl.where(clipped, 0.0, -adv * ratio)
+    else:
+        pg = -ratio * adv
+        clipped = tl.zeros_like(pg) != 0.0
+        dpg = pg
+    d = lp - ref
+    if KL == 1:
+        kl = d
+        dkl = tl.full(d.shape, 1.0, tl.float32)
+    elif KL == 2:
+        kl = 0.5 * d * d
+        dkl = d
+    else:
+        e = tl.exp(-d)
+        kl = e + d - 1.0
+        dkl = 1.0 - e
+    return pg, clipped, dpg, kl, dkl
+
+
+@triton.jit
+def _load_token(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, mask_ptr, seq_ptr, row_len,
+                HAS_LP: tl.constexpr, HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr,
+                SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr):
+    if SEQ_FROM_ROW:
+        seq = offs // row_len
+    else:
+        seq = tl.load(seq_ptr + offs, mask=valid, other=0).to(tl.int64)
+    m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.float32)
+    m = tl.where(valid, m, 0.0)
+    if HAS_LP:
+        lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:   # counting pass of the fused loss: no log-probs exist yet, and lp_ptr is a placeholder
+        lp = tl.zeros_like(m)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if ADV_PER_TOKEN:
+        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        adv = tl.load(adv_ptr + seq, mask=valid, other=0.0).to(tl.float32)
+    w = tl.full(lp.shape, 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + seq, mask=valid, other=0.0).to(tl.float32)
+    tis = tl.full(lp.shape, 1.0, tl.float32)
+    if HAS_TIS:
+        tis = tl.load(tis_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return seq, m, lp, old, ref, adv, w, tis
+
+
+@triton.jit
+def _accumulate_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, ent_ptr, mask_ptr, seq_ptr, acc_ptr,
+                       n, row_len, eps_low, eps_high,
+                       HAS_LP: tl.constexpr, HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr,
+                       HAS_ENT: tl.constexpr, SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+                       PG: tl.constexpr, KL: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    seq, m, lp, old, ref, adv, w, tis = _load_token(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr,
+                                                    mask_ptr, seq_ptr, row_len, HAS_LP, HAS_REF, HAS_W, HAS_TIS,
+                                                    SEQ_FROM_ROW, ADV_PER_TOKEN)
+    on = m != 0.0
+    zero = tl.zeros_like(m)
+    v_pg, v_klw, v_clip, v_kl, v_ent = zero, zero, zero, zero, zero
+    if HAS_LP:
+        pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, PG, KL)
+        v_pg = tl.where(on, m * tis * pg, 0.0)
+        v_clip = tl.where(on & clipped, m, 0.0)
+        if HAS_REF:
+            v_klw = tl.where(on, m * w * kl, 0.0)
+            v_kl = tl.where(on, m * kl, 0.0)
+        if HAS_ENT:
+            v_ent = tl.where(on, m * tl.load(ent_ptr + offs, mask=valid, other=0.0).to(tl.float32), 0.0)
+    s_lo = tl.min(tl.where(valid, seq, 2**62), axis=0)
+    s_hi = tl.max(tl.where(valid, seq, -1), axis=0)
+    if s_lo == s_hi:
+        # whole block in one sequence (the common case for long responses): one atomic per sum, not per token
+        # (distinct names in the two branches: Triton yields names bound in both, and the types differ here)
+        one_seq = acc_ptr + s_lo * K
+        tl.atomic_add(one_seq + 0, tl.sum(m, axis=0))
+        if HAS_LP:
+            tl.atomic_add(one_seq + 1, tl.sum(v_pg, axis=0))
+            tl.atomic_add(one_seq + 2, tl.sum(v_klw, axis=0))
+            tl.atomic_add(one_seq + 3, tl.sum(v_clip, axis=0))
+            tl.atomic_add(one_seq + 4, tl.sum(v_kl, axis=0))
+            tl.atomic_add(one_seq + 5, tl.sum(v_ent, axis=0))
+    else:
+        per_tok = acc_ptr + seq * K
+        tl.atomic_add(per_tok + 0, m, mask=valid)
+        if HAS_LP:
+            tl.atomic_add(per_tok + 1, v_pg, mask=valid)
+            tl.atomic_add(per_tok + 2, v_klw, mask=valid)
+            tl.atomic_add(per_tok + 3, v_clip, mask=valid)
+            tl.atomic_add(per_tok + 4, v_kl, mask=valid)
+            tl.atomic_add(per_tok + 5, v_ent, mask=valid)
+
+
+@triton.jit
+def _agg_coef(n_s, AGG: tl.constexpr, tok_den, seq_den_mean, seq_den_norm):
+    if AGG == 0:
+        return tl.zeros_like(n_s) + 1.0 / tok_den
+    elif AGG == 1:
+        return 1.0 / (tl.maximum(n_s, 1.0) * seq_den_mean)
+    else:
+        return tl.zeros_like(n_s) + 1.0 / seq_den_norm
+
+
+@triton.jit
+def _finalize_kernel(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, num_seqs, norm_len, kl_coef,
+                     entropy_coef,
+                     AGG: tl.constexpr, KL_AGG: tl.constexpr, HAS_NT: tl.constexpr, HAS_NS: tl.constexpr,
+                     HAS_KL: tl.constexpr, ENT_BONUS: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
+    # one program: S is at most a few thousand sequences, and a single program needs no second launch to combine
+    tot = tl.zeros((BLOCK_S,), tl.float32)
+    nonempty = tl.zeros((BLOCK_S,), tl.float32)
+    for s0 in range(0, n_seq, BLOCK_S):
+        idx = s0 + tl.arange(0, BLOCK_S)
+        n_s = tl.load(acc_ptr + idx * K, mask=idx < n_seq, other=0.0)
+        tot += n_s
+        nonempty += tl.where(n_s > 0, 1.0, 0.0)
+    n_tok = tl.sum(tot, axis=0)
+    tok_den = tl.maximum(n_tok, 1.0)
+    if HAS_NT:
+        tok_den = tl.maximum(num_tokens, 1.0)
+    seq_den_mean = tl.maximum(tl.sum(nonempty, axis=0), 1.0)
+    seq_den_norm = tl.maximum(n_seq_f, 1.0) * norm_len
+    if HAS_NS:
+        seq_den_mean = tl.maximum(num_seqs, 1.0)
+        seq_den_norm = tl.maximum(num_seqs, 1.0) * norm_len
+    pg = tl.zeros((BLOCK_S,), tl.float32)
+    klt = tl.zeros((BLOCK_S,), tl.float32)
+    ent = tl.zeros((BLOCK_S,), tl.float32)
+    clip = tl.zeros((BLOCK_S,), tl.float32)
+    kl = tl.zeros((BLOCK_S,), tl.float32)
+    for s0 in range(0, n_seq, BLOCK_S):
+        idx = s0 + tl.arange(0, BLOCK_S)
+        sm = idx < n_seq
+        row = acc_ptr + idx * K
+        n_s = tl.load(row, mask=sm, other=0.0)
+        c_loss = _agg_coef(n_s, AGG, tok_den, seq_den_mean, seq_den_norm)
+        c_kl = _agg_coef(n_s, KL_AGG, tok_den, seq_den_mean, seq_den_norm)
+        tl.store(coef_ptr + idx * 2, c_loss, mask=sm)
+        tl.store(coef_ptr + idx * 2 + 1, c_kl, mask=sm)
+        pg += tl.where(sm, c_loss * tl.load(row + 1, mask=sm, other=0.0), 0.0)
+        klt += tl.where(sm, c_kl * tl.load(row + 2, mask=sm, other=0.0), 0.0)
+        clip += tl.load(row + 3, mask=sm, other=0.0)
+        kl += tl.load(row + 4, mask=sm, other=0.0)
+        ent += tl.where(sm, c_loss * tl.load(row + 5, mask=sm, other=0.0), 0.0)
+    pg_s, klt_s, ent_s = tl.sum(pg, axis=0), tl.sum(klt, axis=0), tl.sum(ent, axis=0)
+    n_valid = tl.maximum(n_tok, 1.0)
+    loss = pg_s
+    if HAS_KL:
+        loss += kl_coef * klt_s
+    if ENT_BONUS:
+        loss -= entropy_coef * ent_s
+    tl.store(out_ptr + 0, loss)
+    tl.store(loss_ptr, loss)
+    tl.store(out_ptr + 1, pg_s)
+    tl.store(out_ptr + 2, tl.sum(clip, axis=0) / n_valid)
+    tl.store(out_ptr + 3, tl.sum(kl, axis=0) / n_valid)
+    tl.store(out_ptr + 4, klt_s)
+    tl.store(out_ptr + 5, ent_s)
+
+
+@triton.jit
+def _grad_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, mask_ptr, seq_ptr, coef_ptr, g_ptr,
+                 glp_ptr, gent_ptr, start, end, row_len, eps_low, eps_high, kl_coef, entropy_coef,
+                 HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr, HAS_KL: tl.constexpr,
+                 ENT_BONUS: tl.constexpr, SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+                 LP_LOCAL: tl.constexpr, PG: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
+    """dL/dlogp (and dL/dentropy) for tokens [start, end), written at offset - start. LP_LOCAL: lp_ptr holds only
+    that range (the chunk of the fused log-prob pass)."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = start + local
+    valid = offs < end
+    if LP_LOCAL:
+        lp_base = lp_ptr - start
+    else:
+        lp_base = lp_ptr
+    seq, m, lp, old, ref, adv, w, tis = _load_token(offs, valid, lp_base, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr,
+                                                    mask_ptr, seq_ptr, row_len, True, HAS_REF, HAS_W, HAS_TIS,
+                                                    SEQ_FROM_ROW, ADV_PER_TOKEN)
+    g = tl.load(g_ptr).to(tl.float32)
+    c_loss = tl.load(coef_ptr + seq * 2, mask=valid, other=0.0)
+    pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, PG, KL)
+    d = tis * c_loss * dpg
+    if HAS_KL:
+        c_kl = tl.load(coef_ptr + seq * 2 + 1, mask=valid, other=0.0)
+        d += kl_coef * w * c_kl * dkl
+    on = m != 0.0
+    tl.store(glp_ptr + local, tl.where(on, g * m * d, 0.0), mask=valid)
+    if ENT_BONUS:
+        tl.store(gent_ptr + local, tl.where(on, -g * entropy_coef * m * c_loss, 0.0), mask=valid)
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+@dataclass
+class _Batch:
+    """Flat token tensors and the constexpr flags that describe them."""
+    lp: Optional[torch.Tensor]
+    old: torch.Tensor
+    ref: Optional[torch.Tensor]
+    adv: torch.Tensor
+    w: Optional[torch.Tensor]
+    tis: Optional[torch.Tensor]
+    ent: Optional[torch.Tensor]
+    mask: torch.Tensor
+    seq: Optional[torch.Tensor]
+    row_len: int
+    n_seq: int
+    adv_per_token: bool
+    lp_shape: tuple = ()
+
+
+def flatten_batch(logp, logp_old, advantages, mask, *, seq_index=None, logp_ref=None, kl_weight=None,
+                  tis_weight=None, entropy=None) -> _Batch:
+    """Normalise [B, T] or packed [N] (+ seq_index) inputs into flat contiguous tensors; no copies when possible."""
+    def flat(x):
+        return None if x is None else x.reshape(-1).contiguous()
+
+    if seq_index is None:
+        if logp_old.dim() != 2:
+            raise ValueError("policy_loss: token tensors must be [B, T], or [N] with seq_index [N]")
+        b, t = logp_old.shape
+        per_token = advantages.dim() == 2
+        seq, row_len = None, t
+    else:
+        b, row_len, per_token = advantages.shape[0], 1, False
+        seq = flat(seq_index)
+        if advantages.dim() != 1:
+            raise ValueError("policy_loss: packed inputs take per-sequence advantages [S]")
+    return _Batch(flat(logp), flat(logp_old), flat(logp_ref), flat(advantages), flat(kl_weight), flat(tis_weight),
+                  flat(entropy), flat(mask), seq, row_len, b, per_token)
+
+
+def _cfg(s):
+    pg = _mode(PG_MODES, s.policy_loss, "policy loss")
+    kl = _mode(KL_MODES, s.kl_estimator, "KL estimator")
+    agg = _mode(AGG_MODES, s.loss_agg, "loss aggregation")
+    kl_agg = _mode(AGG_MODES, s.kl_agg, "KL aggregation")
+    if 2 in (agg, kl_agg) and not s.loss_agg_norm_len:
+        raise ValueError("seq_sum_norm needs norm_len (the constant; Dr.GRPO uses the max generation length)")
+    return pg, kl, agg, kl_agg
+
+
+def _flags(bt: _Batch, s):
+    return dict(HAS_REF=bt.ref is not None, HAS_W=bt.w is not None, HAS_TIS=bt.tis is not None,
+                SEQ_FROM_ROW=bt.seq is None, ADV_PER_TOKEN=bt.adv_per_token)
+
+
+def seq_coefficients(bt: _Batch, s, num_tokens, num_seqs, with_lp: bool, block: Optional[int] = None):
+    """Accumulate + finalize launches -> (coef [S, 2] per-sequence aggregation weights, out [6] loss + metrics,
+    loss 0-d: the same loss in its own tensor, so autograd never sees a view of `out`).
+
+    with_lp=False only counts tokens (the fused log-prob pass needs the weights before any log-prob exists)."""
+    pg, kl, agg, kl_agg = _cfg(s)
+    n = bt.mask.numel()
+    dev = bt.mask.device
+    acc = torch.zeros(bt.n_seq * _K, dtype=torch.float32, device=dev)
+    has_kl = s.kl_coef > 0
+    dummy = acc
+    block = min(block or BLOCK, next_pow2(n))
+    _accumulate_kernel[(triton.cdiv(n, block),)](
+        bt.lp if with_lp else dummy, bt.old, bt.ref if bt.ref is not None else dummy, bt.adv,
+        bt.w if bt.w is not None else dummy, bt.tis if bt.tis is not None else dummy,
+        bt.ent if bt.ent is not None else dummy, bt.mask, bt.seq if bt.seq is not None else dummy, acc,
+        n, bt.row_len, float(s.clip_eps_low), float(s.clip_eps_high),
+        HAS_LP=with_lp, HAS_ENT=bt.ent is not None, PG=pg, KL=kl, K=_K, BLOCK=block, **_flags(bt, s))
+    coef = torch.empty(bt.n_seq, 2, dtype=torch.float32, device=dev)
+    out = torch.empty(6, dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    _finalize_kernel[(1,)](
+        acc, coef, out, loss, bt.n_seq, float(bt.n_seq), float(num_tokens or 0.0), float(num_seqs or 0.0),
+        float(s.loss_agg_norm_len or 0),
+        float(s.kl_coef), float(s.entropy_coef), AGG=agg, KL_AGG=kl_agg, HAS_NT=num_tokens is not None,
+        HAS_NS=num_seqs is not None, HAS_KL=has_kl, ENT_BONUS=bt.ent is not None and s.entropy_coef > 0,
+        K=_K, BLOCK_S=min(1024, next_pow2(bt.n_seq)))
+    return coef, out, loss
+
+
+def token_grads(bt: _Batch, s, coef, g, start: int, end: int, lp_local=None, ent_bonus=None,
+                block: Optional[int] = None):
+    """dL/dlogp [end-start] (and dL/dentropy, or None) for tokens [start, end); g: a 1-element upstream gradient.
+
+    lp_local: log-probs of just that range (the fused pass); default: bt.lp."""
+    pg, kl, _, _ = _cfg(s)
+    n = end - start
+    dev = bt.mask.device
+    glp = torch.empty(n, dtype=torch.float32, device=dev)
+    bonus = (bt.ent is not None if ent_bonus is None else ent_bonus) and s.entropy_coef > 0
+    gent = torch.empty(n, dtype=torch.float32, device=dev) if bonus else None
+    block = min(block or BLOCK, next_pow2(n))
+    _grad_kernel[(triton.cdiv(n, block),)](
+        lp_local if lp_local is not None else bt.lp, bt.old, bt.ref if bt.ref is not None else coef, bt.adv,
+        bt.w if bt.w is not None else coef, bt.tis if bt.tis is not None else coef, bt.mask,
+        bt.seq if bt.seq is not None else coef, coef, g, glp, gent if bonus else glp, start, end, bt.row_len,
+        float(s.clip_eps_low), float(s.clip_eps_high), float(s.kl_coef), float(s.entropy_coef),
+        HAS_KL=s.kl_coef > 0, ENT_BONUS=bonus, LP_LOCAL=lp_local is not None, PG=pg, KL=kl, BLOCK=block,
+        **_flags(bt, s))
+    return glp, gent
+
+
+def metrics_dict(out: torch.Tensor, s, has_entropy: bool) -> dict:
+    """The metrics `megaapo.algos.losses.policy_loss` reports, as 0-d views of the kernel's output vector."""
+    out = out.detach()
+    m = {"pg_loss": out[1], "clip_frac": out[2]}
+    if s.kl_coef > 0:
+        m["kl"], m["kl_loss"] = out[3], out[4]
+    if has_entropy:
+        m["entropy"] = out[5]
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+class _PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, entropy, bt: _Batch, s, num_tokens, num_seqs):
+        coef, out, loss = seq_coefficients(bt, s, num_tokens, num_seqs, with_lp=True)
+        ctx.bt, ctx.s = bt, s
+        ctx.save_for_backward(coef)
+        ctx.mark_non_differentiable(out)
+        return loss, out
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_out):
+        (coef,) = ctx.saved_tensors
+        bt = ctx.bt
+        n = bt.mask.numel()
+        g = g_loss.reshape(1).float().contiguous()
+        glp, gent = token_grads(bt, ctx.s, coef, g, 0, n)
+        glp = glp.view(bt.lp_shape)
+        if gent is not None:
+            gent = gent.view(bt.lp_shape)
+        elif ctx.needs_input_grad[1]:
+            gent = torch.zeros(bt.lp_shape, dtype=torch.float32, device=glp.device)
+        return glp, gent, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def policy_loss(logp, logp_old, advantages, mask, s, *, logp_ref=None, kl_weight=None, tis_weight=None,
+                entropy=None, num_tokens: Optional[float] = None, num_seqs: Optional[float] = None,
+                seq_index: Optional[torch.Tensor] = None):
+    """Aggregated policy-gradient loss + kl_coef * weighted KL - entropy_coef * entropy -> (loss, metrics).
+
+    Same contract as `megaapo.algos.losses.policy_loss`: logp, logp_old, logp_ref, mask, tis_weight, entropy [B, T];
+    advantages [B] (or [B, T]), kl_weight [B]. Packed: token tensors [N] with seq_index [N] in [0, S) and
+    advantages, kl_weight [S]. Gradients flow to logp and entropy; the other inputs are treated as constants.
+    metrics: detached 0-d tensors pg_loss, clip_frac (+ kl, kl_loss when kl_coef > 0, entropy when given).
+    CPU tensors without TRITON_INTERPRET=1 run `policy_loss_reference`.
+    """
+    if s.kl_coef > 0 and logp_ref is None:
+        raise ValueError("kl_coef > 0 needs the reference log-probs (logp_ref)")
+    if not use_triton(logp):
+        return policy_loss_reference(logp, logp_old, advantages, mask, s, logp_ref=logp_ref, kl_weight=kl_weight,
+                                     tis_weight=tis_weight, entropy=entropy, num_tokens=num_tokens,
+                                     num_seqs=num_seqs, seq_index=seq_index)
+    _cfg(s)
+    bt = flatten_batch(logp.detach(), logp_old, advantages, mask, seq_index=seq_index,
+                       logp_ref=logp_ref if s.kl_coef > 0 else None, kl_weight=kl_weight, tis_weight=tis_weight,
+                       entropy=None if entropy is None else entropy.detach())
+    bt.lp_shape = logp.shape
+    loss, out = _PolicyLoss.apply(logp, entropy, bt, s, num_tokens, num_seqs)
+    return loss, metrics_dict(out, s, entropy is not None)
+
+
+# ------------------------------------------------------------------------------------------------- reference
+def _kl(name, logp, logp_ref):
+    d = logp - logp_ref
+    if name == "k1":
+        return d
+    if name == "k2":
+        return 0.5 * d * d
+    return torch.exp(-d) + d - 1
+
+
+def _coef_reference(mode, n_s, n_tok_total, num_tokens, num_seqs, norm_len):
+    """Per-sequence aggregation weight [S]: loss = sum over tokens of mask * value * weight[seq]."""
+    one = torch.ones_like(n_s)
+    if mode == "token_mean":
+        return one / (n_tok_total.clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0))
+    if mode == "seq_mean_token_mean":
+        den = (n_s > 0).sum().to(n_s.dtype).clamp(min=1) if num_seqs is None else max(float(num_seqs), 1.0)
+        return one / (n_s.clamp(min=1) * den)
+    if not norm_len:
+        raise ValueError("seq_sum_norm needs norm_len (the constant; Dr.GRPO uses the max generation length)")
+    den = float(n_s.numel() if num_seqs is None else num_seqs)
+    return one / (max(den, 1.0) * norm_len)
+
+
+def policy_loss_reference(logp, logp_old, advantages, mask, s, *, logp_ref=None, kl_weight=None, tis_weight=None,
+                          entropy=None, num_tokens=None, num_seqs=None, seq_index=None):
+    """Pure-PyTorch `policy_loss` (same arguments and outputs), written per token + per-sequence weights."""
+    if s.kl_coef > 0 and logp_ref is None:
+        raise ValueError("kl_coef > 0 needs the reference log-probs (logp_ref)")
+    _cfg(s)
+    dt = logp.dtype
+    if seq_index is None:
+        b, t = logp.shape
+        seq = torch.arange(b, device=logp.device).repeat_interleave(t)
+        n_seq = b
+    else:
+        seq, n_seq = seq_index.reshape(-1).long(), advantages.shape[0]
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    lp, old, m = flat(logp), flat(logp_old).to(dt), flat(mask).to(dt)
+    adv = flat(advantages).to(dt) if advantages.dim() == 2 else advantages.to(dt)[seq]
+    on = m != 0
+    n_s = torch.zeros(n_seq, dtype=dt, device=lp.device).index_add_(0, seq, m)
+    coefs = lambda mode: _coef_reference(mode, n_s, m.sum(), num_tokens, num_seqs, s.loss_agg_norm_len)[seq]  # noqa
+    ratio = torch.exp(lp - old)
+    if s.policy_loss == "ppo_clip":
+        u, c = ratio * adv, torch.clamp(ratio, 1 - s.clip_eps_low, 1 + s.clip_eps_high) * adv
+        pg, clipped = -torch.minimum(u, c), c < u
+    else:
+        pg, clipped = -ratio * adv, torch.zeros_like(on)
+    if tis_weight is not None:
+        pg = pg * flat(tis_weight).to(dt)
+    c_loss = coefs(s.loss_agg)
+    loss = torch.where(on, pg * m * c_loss, 0).sum()
+    n_valid = m.sum().clamp(min=1)
+    metrics = {"pg_loss": loss.detach(), "clip_frac": (torch.where(on & clipped, m, 0).sum() / n_valid).detach()}
+    if s.kl_coef > 0:
+        kl = _kl(s.kl_estimator, lp, flat(logp_ref).to(dt))
+        w = kl_weight.to(dt)[seq] if kl_weight is not None else torch.ones_like(kl)
+        kl_term = torch.where(on, kl * w * m * coefs(s.kl_agg), 0).sum()
+        loss = loss + s.kl_coef * kl_term
+        metrics["kl"] = (torch.where(on, kl * m, 0).sum() / n_valid).detach()
+        metrics["kl_loss"] = kl_term.detach()
+    if entropy is not None:
+        ent = torch.where(on, flat(entropy) * m * c_loss, 0).sum()
+        metrics["entropy"] = ent.detach()
+        if s.entropy_coef > 0:
+            loss = loss - s.entropy_coef * ent
+    return loss, metrics
