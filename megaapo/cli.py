@@ -157,11 +157,15 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"algorithm: {cfg.algo.name}, rewards: {dict(cfg.reward.functions)}, "
           f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples} samples per step")
     if cfg.trainer.dry_run:
-        print("dry run: config, model and data are valid; nothing trained")
+        from megaapo.models.qwen2_5_vl.config import check_layout, lm_shape, load_hf_config
+
+        check_layout(lm_shape(load_hf_config(inputs.model_path)), cfg.parallel.tp, cfg.parallel.pp)
+        print(f"dry run: config, model, data and the tp={cfg.parallel.tp} x pp={cfg.parallel.pp} layout are valid; "
+              "nothing trained")
         return 0
-    print("megaapo train: inputs are ready, but the RL loop (learner, vLLM rollout, weight sync) is not in this "
-          "release yet; this run stopped after validating them. Track the training-loop issue.")
-    return 0
+    from megaapo.train import main as train_main
+
+    return train_main(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -44,7 +44,8 @@ class TinyModelConfig:
     vocab: str = _opt("small", choices=["small", "real"], help="small: our byte-level BPE; real: Qwen2.5's 151,936")
     hidden_size: int = _opt(64, ge=16)
     num_layers: int = _opt(2, ge=1)
-    num_heads: int = _opt(4, ge=1)
+    # head_dim = hidden_size / num_heads must be one vLLM's CPU attention supports (32, 64, 80, ...), not 16.
+    num_heads: int = _opt(2, ge=1)
     num_kv_heads: int = _opt(2, ge=1)
     intermediate_size: int = _opt(256, ge=1)
     vision_depth: int = _opt(2, ge=1)
@@ -181,8 +182,9 @@ class OptimConfig:
 class ParallelConfig:
     tp: int = _opt(1, ge=1)
     pp: int = _opt(1, ge=1)
-    micro_batch_tokens: int = _opt(8192, ge=1, help="token budget of one packed micro-batch")
-    sequence_packing: bool = True
+    micro_batch_tokens: int = _opt(8192, ge=1, help="token budget of one micro-batch (padding included)")
+    sequence_packing: bool = _opt(False, help="several samples per row with a block-diagonal mask; off: right-padded "
+                                              "rows with plain causal attention (faster with SDPA, no varlen kernel)")
     backend: str = _opt("auto", choices=["auto", "nccl", "gloo"])
 
 

@@ -34,9 +34,9 @@ from megaapo.models.qwen2_5_vl.model import Qwen25VLModel
 from megaapo.models.qwen2_5_vl.rope import mrope_positions
 from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to_hf, tp_split_of
 
-# loss_fn(logp [n, R], entropy [n, R] | None, rows) -> (scalar loss normalised by the *global* batch, metrics).
-# logp row i holds the response log-probs of sample rows[i], right-padded to the longest response R.
-LossFn = Callable[[torch.Tensor, "torch.Tensor | None", list], tuple]
+# loss_fn(logp [n, R], entropy [n, R] | None, mask [n, R], rows) -> (scalar loss normalised by the *global* batch,
+# metrics). Row i holds the response log-probs of sample rows[i], right-padded (mask False) to the longest response.
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, list], tuple]
 
 
 @dataclass
@@ -134,11 +134,11 @@ class Learner:
         return fb(**kwargs)
 
     def _response_logprobs(self, hidden, mb: MicroBatch, temperature: float, entropy: bool):
-        """Hidden [T, 1, h] of one packed row -> (logp [n, R], entropy [n, R] | None, mask [n, R])."""
-        flat = hidden[:, 0]
+        """Hidden [T, b, h] of one micro-batch -> (logp [n, R], entropy [n, R] | None, mask [n, R])."""
+        flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])   # row-major, as response_spans count
         idx = torch.cat([torch.arange(a, b) for a, b in mb.response_spans]).to(flat.device)
         lp, ent = token_logprobs(flat.index_select(0, idx), self.model.output_weight(),
-                                 mb.labels.to(flat.device).index_select(0, idx), temperature=temperature,
+                                 mb.labels.reshape(-1).to(flat.device).index_select(0, idx), temperature=temperature,
                                  tp_group=self.groups.tp if self.groups.tp_size > 1 else None, entropy=entropy)
         lens = [b - a for a, b in mb.response_spans]
         width = max(lens)
@@ -174,8 +174,10 @@ class Learner:
         return (lps, [results[i][1] for i in range(len(samples))]) if entropy else lps
 
     def train_step(self, samples: list[Sample], loss_fn: LossFn, temperature: float = 1.0,
-                   entropy: bool = False) -> StepResult:
-        """One optimizer update over all samples (gradient accumulation over packed micro-batches)."""
+                   entropy: bool = False, lr: float | None = None) -> StepResult:
+        """One optimizer update over all samples (gradient accumulation over packed micro-batches).
+
+        lr: a fixed learning rate for this update that leaves the schedule where it is (supervised warm-up)."""
         self.model.train()
         for p in self.train_params:
             p.grad = None
@@ -183,7 +185,7 @@ class Learner:
 
         def loss_of(mb, hidden):
             lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
-            loss, metrics = loss_fn(lp, ent, mb.rows)
+            loss, metrics = loss_fn(lp, ent, mask, mb.rows)
             reports.append({k: float(v) for k, v in metrics.items()})
             return loss, torch.tensor(1), {}
 
@@ -191,7 +193,7 @@ class Learner:
         self._run(mbs, loss_of, False)
         self._finish_grads()
         grad_norm = self._clip()
-        self._optimizer_step()
+        self._optimizer_step(lr)
         self.version += 1
         metrics = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]} if reports else {}
         metrics.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
@@ -235,16 +237,54 @@ class Learner:
                     p.grad.mul_(self.grad_clip / (norm + 1e-6))
         return norm
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, lr: float | None = None) -> None:
         if self.master is not None:
             for m, p in zip(self.master, self.train_params):
                 m.grad = p.grad.float() if p.grad is not None else None
-        self.optimizer.step()
-        self.scheduler.step()
+        if lr is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            scheduled = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            for group, value in zip(self.optimizer.param_groups, scheduled):
+                group["lr"] = value
         if self.master is not None:
             with torch.no_grad():
                 for m, p in zip(self.master, self.train_params):
                     p.copy_(m)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget Adam's moments (after a supervised warm-up, so RL starts from clean statistics)."""
+        self.optimizer.state.clear()
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def state_shards(self) -> dict:
+        """This rank's model weights (a flat tensor dict) and optimizer + scheduler state, for megaapo.checkpoint."""
+        model = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "version": self.version}
+        if self.master is not None:
+            optim["master"] = [m.detach().cpu() for m in self.master]
+        return {"model": model, "optim": optim}
+
+    def load_state_shards(self, shards: dict) -> None:
+        state = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        missing = sorted(set(state) - set(shards["model"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks model tensors {missing[:3]}: written by a different model or layout?")
+        with torch.no_grad():
+            for k, v in state.items():
+                v.copy_(shards["model"][k])
+        self.optimizer.load_state_dict(shards["optim"]["optimizer"])
+        self.scheduler.load_state_dict(shards["optim"]["scheduler"])
+        self.version = int(shards["optim"]["version"])
+        if self.master is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.master, shards["optim"]["master"]):
+                    m.copy_(saved)
 
     # ------------------------------------------------------------------ weights out
     def hf_weights(self, dtype: torch.dtype | None = None):
@@ -266,6 +306,28 @@ class Learner:
             if g.tp_rank == 0:
                 for name, full in to_hf(key, t, self.shape, self.model.layer_offset):
                     yield name, (full.to(dtype) if dtype is not None else full)
+
+    def gathered_hf_weights(self, dtype: torch.dtype | None = None):
+        """Every stage's HF tensors, yielded on global rank 0 (collective on all ranks; other ranks yield nothing).
+        With PP > 1 each later stage's first TP rank sends its tensors to rank 0 (the CPU / small-model path; on a
+        cluster each stage would broadcast to the engines itself)."""
+        g = self.groups
+        if g.pp_size == 1:
+            for item in self.hf_weights(dtype):
+                if dist.get_rank() == 0:
+                    yield item
+            return
+        mine = list(self.hf_weights(dtype))
+        if g.tp_rank != 0 or g.dp_rank != 0:
+            return
+        if g.pp_rank == 0:
+            yield from mine
+            for stage in range(1, g.pp_size):
+                box = [None]
+                dist.recv_object_list(box, src=dist.get_global_rank(g.pp, stage), group=g.pp)
+                yield from box[0]
+        else:
+            dist.send_object_list([mine], dst=dist.get_global_rank(g.pp, 0), group=g.pp)
 
     def export_hf(self, out_dir, dtype: torch.dtype | None = None) -> Path:
         """Write the current policy as an HF directory that transformers and vLLM load (collective on all ranks):

@@ -84,7 +84,7 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
 
     groups = init_distributed(tp=tp, pp=pp)
     learner = Learner(hf_path, groups, ModelConfig(dtype="float32"),
-                      ParallelConfig(tp=tp, pp=pp, sequence_packing=False), OptimConfig(grad_clip=0.0))
+                      ParallelConfig(tp=tp, pp=pp, micro_batch_tokens=1), OptimConfig(grad_clip=0.0))
     batch = parity_batch(hf_path)
     samples = [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
                for s in batch]
@@ -103,7 +103,7 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
         return -(lp * mask).sum() / total, torch.tensor(1), {}
 
     from megaapo.data.packing import pack
-    learner._run(pack(samples, 10**9, packing=False), loss_of, forward_only=False)
+    learner._run(pack(samples, 1, packing=False), loss_of, forward_only=False)   # one sample per micro-batch
     learner._finish_grads()
     grads = {}
     for key, p in learner.model.named_parameters():

@@ -49,11 +49,10 @@ def train_worker(rank, world, port, hf_path, tp, pp, out_file):
     total = sum(s.response_len for s in samples)
     width = max(s.response_len for s in samples)
 
-    def loss_fn(logp, entropy, rows):
+    def loss_fn(logp, entropy, mask, rows):
         n = logp.shape[1]
         old_rows = torch.stack([torch.nn.functional.pad(old[r], (0, width - len(old[r]))) for r in rows])[:, :n] \
             if old is not None else logp.detach()
-        mask = torch.stack([torch.arange(n) < samples[r].response_len for r in rows])
         return policy_loss(logp, old_rows, adv[rows], mask, settings, num_tokens=total)
 
     hist = [learner.train_step(samples, loss_fn).metrics for _ in range(2)]

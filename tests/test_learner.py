@@ -94,22 +94,25 @@ def _samples(learner, model_path, n_copies=1):
             for s in batch] * n_copies
 
 
-def test_packed_batch_equals_unpacked(learner, tiny_model):
-    samples = _samples(learner, tiny_model, 2)
-    learner.parallel.sequence_packing = False
-    alone = learner.logprobs(samples)
-    learner.parallel.sequence_packing = True
-    learner.parallel.micro_batch_tokens = 10**6
+def test_packed_and_padded_batches_equal_unbatched(learner, tiny_model):
     from megaapo.data.packing import pack
-    assert len(pack(samples, 10**6)) == 1          # all four really share one row
-    packed = learner.logprobs(samples)
-    for a, b in zip(alone, packed):
-        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
-    # A budget smaller than the batch splits it into several rows with the same result.
-    learner.parallel.micro_batch_tokens = max(len(s.input_ids) for s in samples) + 1
-    assert len(pack(samples, learner.parallel.micro_batch_tokens)) > 1
-    for a, b in zip(alone, learner.logprobs(samples)):
-        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+    samples = _samples(learner, tiny_model, 2)
+    par = learner.parallel
+
+    def run(packing, budget, expect_microbatches):
+        par.sequence_packing, par.micro_batch_tokens = packing, budget
+        assert len(pack(samples, budget, packing)) == expect_microbatches
+        return learner.logprobs(samples)
+
+    alone = run(False, 1, 4)                            # one sample per micro-batch
+    longest = max(len(s.input_ids) for s in samples)
+    for packing, budget, n in [(True, 10**6, 1),        # all four share one row (block-diagonal mask)
+                               (True, longest + 1, 4),  # first-fit rows under a tight budget
+                               (False, 10**6, 1),       # one right-padded [4, T] batch (different lengths)
+                               (False, 2 * longest, 2)]:
+        for a, b in zip(alone, run(packing, budget, n)):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5), (packing, budget)
 
 
 def test_pack_plan_respects_budget():
@@ -121,6 +124,10 @@ def test_pack_plan_respects_budget():
     assert all(sum(lengths[i] for i in r) <= 12 for r in rows)
     assert rows == [[5], [1, 2], [0, 3], [4]]   # first-fit decreasing: 12 | 9+3 | 7+5 | 2
     assert plan([20], token_budget=8) == [[0]]   # longer than the budget: a row of its own
+    # Padded: longest first, as many rows as fit with the group's longest length counted for each.
+    padded = plan(lengths, token_budget=20, packing=False)
+    assert padded == [[5], [1, 3], [0, 2, 4]]
+    assert all(len(r) * max(lengths[i] for i in r) <= 20 for r in padded if len(r) > 1)
 
 
 @pytest.mark.distributed

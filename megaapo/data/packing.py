@@ -1,10 +1,14 @@
-"""Samples the learner scores or trains on, and their packing into token-budget micro-batches.
+"""Samples the learner scores or trains on, and their grouping into token-budget micro-batches.
 
 A `Sample` is one prompt + response as token ids, with its images already turned into patches (the processor runs
-once, at rollout time). `pack` places samples into rows of at most `token_budget` tokens (first-fit decreasing, so
-a batch of short responses needs few forward passes) and gives each row a block-diagonal causal mask, so no token
-attends across samples, and per-sample mrope positions that restart at 0. A sample longer than the budget gets a
-row of its own. Called by `megaapo.learner`.
+once, at rollout time). `pack` forms micro-batches of at most `token_budget` tokens in one of two ways:
+- packed (`packing=True`): several samples share one row (first-fit decreasing), with a block-diagonal causal mask
+  so no token attends across samples, and per-sample mrope positions that restart at 0. No padding, but attention
+  without a variable-length kernel costs row_length^2.
+- padded (`packing=False`): samples of similar length are stacked as rows [b, S], right-padded. Plain causal
+  attention is then exact (a real token never attends to the padding after it), so SDPA's fused causal kernels
+  apply; the budget counts the padding (b * S).
+A sample longer than the budget gets a micro-batch of its own. Called by `megaapo.learner`.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ class Sample:
 
 @dataclass
 class MicroBatch:
-    rows: list[int]                              # indices of the packed samples in the caller's batch
-    input_ids: torch.Tensor                      # [1, T]
-    position_ids: torch.Tensor                   # [3, 1, T]
-    labels: torch.Tensor                         # [T] next token at each position (0 where none)
-    response_spans: list[tuple[int, int]]        # per sample: positions [a, b) whose next token is a response token
-    attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal (one sample)
-    image_mask: torch.Tensor | None = None       # [1, T] positions that take image features (prompt image pads)
+    rows: list[int]                              # indices of the samples in the caller's batch
+    input_ids: torch.Tensor                      # [b, T]
+    position_ids: torch.Tensor                   # [3, b, T]
+    labels: torch.Tensor                         # [b, T] next token at each position (0 where none)
+    response_spans: list[tuple[int, int]]        # per sample: flat positions [a, b) (row * T + t) whose next token
+                                                 # is a response token
+    attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal
+    image_mask: torch.Tensor | None = None       # [b, T] positions that take image features (prompt image pads)
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     num_tokens: int = 0
@@ -44,10 +49,18 @@ class MicroBatch:
 
 
 def plan(lengths: list[int], token_budget: int, packing: bool = True) -> list[list[int]]:
-    """Group sample indices into rows of at most token_budget tokens (first-fit decreasing; deterministic)."""
-    if not packing:
-        return [[i] for i in range(len(lengths))]
+    """Group sample indices into micro-batches of at most token_budget tokens (deterministic).
+
+    packing: first-fit decreasing into rows; padded: longest first, b rows of the group's longest length."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not packing:
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -60,6 +73,28 @@ def plan(lengths: list[int], token_budget: int, packing: bool = True) -> list[li
             bins.append([i])
             room.append(token_budget - lengths[i])
     return [sorted(b) for b in bins]
+
+
+def collate_padded(samples: list[Sample], rows: list[int]) -> MicroBatch:
+    """The given samples as right-padded rows [b, T] (causal attention needs no mask)."""
+    parts = [samples[r] for r in rows]
+    width = max(int(s.input_ids.shape[0]) for s in parts)
+    ids = torch.zeros(len(parts), width, dtype=torch.long)
+    pos = torch.zeros(3, len(parts), width, dtype=torch.long)
+    labels = torch.zeros_like(ids)
+    in_prompt = torch.zeros(len(parts), width, dtype=torch.bool)
+    spans = []
+    for i, s in enumerate(parts):
+        n = s.input_ids.shape[0]
+        ids[i, :n], pos[:, i, :n], labels[i, :n - 1] = s.input_ids, s.position_ids, s.input_ids[1:]
+        in_prompt[i, :s.prompt_len] = True
+        spans.append((i * width + s.prompt_len - 1, i * width + n - 1))
+    pix = [s.pixel_values for s in parts if s.pixel_values is not None]
+    grids = [s.image_grid_thw for s in parts if s.image_grid_thw is not None]
+    image_mask = in_prompt & (ids == parts[0].image_token_id) if pix and parts[0].image_token_id >= 0 else None
+    return MicroBatch(rows=list(rows), input_ids=ids, position_ids=pos, labels=labels, response_spans=spans,
+                      image_mask=image_mask, pixel_values=torch.cat(pix) if pix else None,
+                      image_grid_thw=torch.cat(grids) if grids else None, num_tokens=len(parts) * width)
 
 
 def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
@@ -89,7 +124,7 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
     if pix:
         # Image features go to the prompts' image pads only; an image-pad id sampled in a response is a token.
         image_mask = (in_prompt & (ids == parts[0].image_token_id))[None] if parts[0].image_token_id >= 0 else None
-    return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels,
+    return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels[None],
                       response_spans=spans, attention_mask=mask, image_mask=image_mask,
                       pixel_values=torch.cat(pix) if pix else None,
                       image_grid_thw=torch.cat(grids) if grids else None, num_tokens=start)
@@ -97,4 +132,5 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
 
 def pack(samples: list[Sample], token_budget: int, packing: bool = True) -> list[MicroBatch]:
     lengths = [int(s.input_ids.shape[0]) for s in samples]
-    return [collate(samples, rows) for rows in plan(lengths, token_budget, packing)]
+    make = collate if packing else collate_padded
+    return [make(samples, rows) for rows in plan(lengths, token_budget, packing)]
