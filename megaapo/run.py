@@ -1,0 +1,255 @@
+"""Everything one RL run holds besides the loop: building the parts, resume, warm-up, eval, logging, checkpoints.
+
+`megaapo.train.main` enters a `Run` and reads like the algorithm; the mechanics it needs live here. Ranks: global
+rank 0 drives the rollout engines, scores rewards, evaluates and owns metrics (the last pipeline stage sends it the
+loss metrics); every trainer rank holds its learner shards and writes its own checkpoint shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaapo import checkpoint as ckpt
+
+log = logging.getLogger("megaapo.train")
+
+
+class Run:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.engines = self.scorer = self.reference = None
+        self._closers: list = []
+
+    # ------------------------------------------------------------------ build
+    def __enter__(self) -> "Run":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        from transformers import AutoTokenizer
+
+        from megaapo.assets import prepare_inputs
+        from megaapo.config import to_dict, to_yaml
+        from megaapo.data.prompts import PromptBuilder
+        from megaapo.distributed import init_distributed
+        from megaapo.experience import ImagePixels
+        from megaapo.learner import Learner
+        from megaapo.metrics import Metrics
+        from megaapo.train import PromptStream
+
+        cfg = self.cfg
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        _seed_all(cfg.trainer.seed)
+        self.groups = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = Path(cfg.trainer.output_dir)
+        # Rank 0 builds the tiny model / synthetic data first; the others then find them ready.
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            inputs = prepare_inputs(cfg.model, cfg.data, self.run_dir)
+            for r in inputs.reports:
+                log.info(r.summary())
+        dist.barrier()
+        if not self.rank0:
+            inputs = prepare_inputs(cfg.model, cfg.data, self.run_dir)
+        self.model_path = inputs.model_path
+        self.train, self.eval = inputs.train, inputs.eval[:cfg.trainer.eval_size]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        d = cfg.data
+        self.builder = PromptBuilder(self.tokenizer, d.prompt_style, d.min_pixels, d.max_pixels,
+                                     system_prompt=d.system_prompt)
+        self.pixels = ImagePixels(self.model_path, d.min_pixels, d.max_pixels)
+        if cfg.trainer.dry_run:
+            log.info("dry run: config, data and the %dx%d layout are valid; nothing trained",
+                     cfg.parallel.tp, cfg.parallel.pp)
+            self.dry = True
+            return
+        self.dry = False
+        self.policy = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, cfg.optim,
+                              total_steps=cfg.trainer.total_steps)
+        if cfg.algo.kl_coef > 0:
+            self.reference = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, None)
+        self.stream = PromptStream(len(self.train), d.seed, d.shuffle)
+        self.state = ckpt.TrainState()
+        self.ckpt_root = ckpt.checkpoint_root(cfg.checkpoint, self.run_dir)
+        resumed = self._resume()
+        self.metrics = Metrics(cfg.logging, self.run_dir, to_dict(cfg), enabled=self.rank0,
+                               start_step=self.state.step, run_id=self.state.run_id)
+        self.state.run_id = self.metrics.run_id
+        self.stop = ckpt.install_stop_handler() if cfg.checkpoint.save_on_sigterm else None
+        if self.rank0:
+            self._start_engines()
+        if not resumed and cfg.trainer.sft_warmup_steps:
+            self.warmup()
+            if self.reference is not None:
+                # KL is measured against the policy RL starts from, not the random initialisation.
+                self.reference.copy_weights_from(self.policy)
+        if resumed or cfg.trainer.sft_warmup_steps:
+            from megaapo.train import sync_weights
+            sync_weights(self.policy, self.engines, self.policy.version)
+        if not resumed and cfg.trainer.eval_every:
+            self.log(0, self.evaluate(0))
+
+    def _start_engines(self) -> None:
+        from megaapo.rewards.pool import RewardScorer
+        from megaapo.rollout import make_rollout
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.engines = make_rollout(cfg.rollout, self.model_path, cfg.model.dtype, min_pixels=cfg.data.min_pixels,
+                                    max_pixels=cfg.data.max_pixels, log_dir=self.run_dir / "engines")
+        self._closers.append(self.engines.shutdown)
+        log.info("%d rollout engine(s) ready in %.1fs", cfg.rollout.num_engines, time.perf_counter() - t0)
+        self.scorer = RewardScorer(dict(cfg.reward.functions), num_workers=cfg.reward.num_workers,
+                                   timeout_s=cfg.reward.timeout_s, alpha=cfg.reward.step_alpha,
+                                   faithful_to=cfg.reward.faithful_to)
+        self._closers.append(self.scorer.close)
+
+    def _resume(self) -> bool:
+        path = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root)
+        if path is None:
+            return False
+        loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False)
+        self.policy.load_state_shards(loaded.shards)
+        ckpt.restore_rng(loaded.shards["rng"])
+        self.state = ckpt.TrainState.from_dict(loaded.meta["train_state"])
+        self.stream.load(self.state.data_position)
+        log.info("resumed from %s (step %d, weight version %d)", path, self.state.step, self.state.weight_version)
+        return True
+
+    # ------------------------------------------------------------------ phases
+    def warmup(self) -> None:
+        """Supervised format warm-up (random answers: the format, no visual content)."""
+        from megaapo.sft import build_samples, sft_step
+
+        cfg = self.cfg
+        rng = random.Random(cfg.trainer.seed)
+        answers = sorted({e.answer for e in self.train})
+        batch = 32
+        for step in range(cfg.trainer.sft_warmup_steps):
+            examples = [self.train[rng.randrange(len(self.train))] for _ in range(batch)]
+            samples = build_samples(examples, self.builder, self.tokenizer, self.pixels, self.policy,
+                                    random_labels=True, rng=rng, answers=answers)
+            m = sft_step(self.policy, samples, lr=cfg.trainer.sft_lr)
+            if step % 10 == 0 or step == cfg.trainer.sft_warmup_steps - 1:
+                log.info("warm-up %d/%d: loss %.3f", step + 1, cfg.trainer.sft_warmup_steps, m.get("sft/loss", 0))
+        self.policy.reset_optimizer_state()
+
+    def sampling(self, step: int):
+        """Sampling settings of a training step; the seed makes a resumed step draw the same samples."""
+        from megaapo.rollout import SamplingSpec
+
+        r = self.cfg.rollout
+        return SamplingSpec.from_config(r, seed=(self.cfg.trainer.seed + 1) * 1_000_000_007 +
+                                        step * r.prompts_per_step * r.n_samples)
+
+    def evaluate(self, step: int) -> dict:
+        from megaapo.evaluate import evaluate
+
+        if not self.rank0 or not self.eval:
+            return {}
+        res = evaluate(self.engines, self.eval, self.builder, self.scorer, self.cfg.reward,
+                       max_new_tokens=self.cfg.rollout.max_new_tokens)
+        log.info("step %d: held-out accuracy %.1f%% (format %.1f%%, %d prompts, %.1fs)", step, 100 * res.accuracy,
+                 100 * res.format, res.n, res.seconds)
+        return res.metrics()
+
+    def throughput(self, exp) -> dict:
+        """Trained tokens (prompt + response) per second of this step so far, and MFU where the peak is known."""
+        from megaapo.metrics import device_peak_flops, flops_per_token, mfu
+
+        tokens = sum(int(s.input_ids.shape[0]) for s in exp.samples)
+        rate = tokens / max(1e-9, time.perf_counter() - self._step_start)
+        sh = self.policy.shape
+        fpt = flops_per_token(hidden_size=sh.hidden_size, num_layers=sh.num_layers,
+                              intermediate_size=sh.ffn_hidden_size, vocab_size=sh.vocab_size,
+                              seq_len=tokens / len(exp.samples), num_heads=sh.num_heads, num_kv_heads=sh.num_kv_heads,
+                              head_dim=sh.head_dim)
+        peak = device_peak_flops(self.cfg.model.dtype) if torch.cuda.is_available() else None
+        util = mfu(rate / max(1, dist.get_world_size()), fpt, peak)
+        return {"perf/tokens": tokens, "perf/tokens_per_s": rate, **({"perf/mfu": util} if util is not None else {})}
+
+    # ------------------------------------------------------------------ logging, checkpoints, signals
+    @contextmanager
+    def _progress(self, start: int, total: int):
+        with self.metrics.progress(total, start):
+            yield
+
+    def progress(self, start: int, total: int):
+        with self._progress(start, total):
+            for step in range(start, total):
+                self._step_start = time.perf_counter()
+                yield step
+
+    def log(self, step: int, row: dict) -> None:
+        self.metrics.log(step, self._from_last_stage(row))
+
+    def _from_last_stage(self, row: dict) -> dict:
+        """Loss metrics exist on the last pipeline stage; rank 0 (first stage) logs them."""
+        g = self.groups
+        if g.pp_size == 1 or g.tp_rank != 0 or g.dp_rank != 0:
+            return row
+        if g.last_stage:
+            dist.send_object_list([row], dst=dist.get_global_rank(g.pp, 0), group=g.pp)
+            return row
+        if g.first_stage:
+            box = [None]
+            dist.recv_object_list(box, src=dist.get_global_rank(g.pp, g.pp_size - 1), group=g.pp)
+            return {**box[0], **row}
+        return row
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every and step % every == 0) or step == self.cfg.trainer.total_steps
+
+    def save(self, step: int) -> Path:
+        self.state.data_position = self.stream.state()
+        shards = self.policy.state_shards() | {"rng": ckpt.capture_rng()}
+        meta = {"train_state": self.state.to_dict()} if self.rank0 else None
+        return ckpt.save(self.ckpt_root, step, shards, meta, self.cfg.checkpoint.keep_last,
+                         group=dist.group.WORLD, checksum=self.cfg.checkpoint.checksum)
+
+    def stop_requested(self) -> bool:
+        if self.stop is None or not self.stop.any_rank():
+            return False
+        self.save(self.state.step)
+        return True
+
+    def finish(self) -> None:
+        if self.cfg.checkpoint.export_hf:
+            out = self.policy.export_hf(self.run_dir / "hf_final")
+            log.info("final policy exported to %s", out)
+        self.metrics.finish()
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception as e:   # closing must not hide the error that got us here
+                log.warning("while shutting down: %s", e)
+        self._closers.clear()
+        if getattr(self, "stop", None) is not None:
+            self.stop.restore()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

