@@ -122,7 +122,7 @@ class Learner:
             pix = mb.pixel_values.to(dev) if mb.pixel_values is not None else None
             grid = mb.image_grid_thw.to(dev) if mb.image_grid_thw is not None else None
             img = mb.image_mask.to(dev) if mb.image_mask is not None else None
-            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid, img)
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid, img, mb.feature_index)
             return out, partial(loss_of, mb)
 
         fb = get_forward_backward_func(pp_size=self.groups.pp_size)

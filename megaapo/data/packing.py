@@ -42,8 +42,9 @@ class MicroBatch:
                                                  # is a response token
     attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal
     image_mask: torch.Tensor | None = None       # [b, T] positions that take image features (prompt image pads)
-    pixel_values: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None     # each distinct image once (samples of a group share theirs)
     image_grid_thw: torch.Tensor | None = None
+    feature_index: torch.Tensor | None = None    # [image tokens] row of the vision output each image pad takes
     num_tokens: int = 0
     extras: dict = field(default_factory=dict)
 
@@ -75,6 +76,30 @@ def plan(lengths: list[int], token_budget: int, packing: bool = True) -> list[li
     return [sorted(b) for b in bins]
 
 
+def _images(parts: list[Sample]):
+    """Distinct image blocks (by identity: the G samples of a prompt share one pixel tensor, so the vision tower
+    runs once per prompt, not once per sample) and, per image token in batch order, its vision-output row."""
+    unique: dict[int, int] = {}
+    pix, grids, spans = [], [], []
+    start = 0
+    for s in parts:
+        if s.pixel_values is None:
+            continue
+        key = id(s.pixel_values)
+        if key not in unique:
+            n = int((s.image_grid_thw.prod(-1) // 4).sum())
+            unique[key] = len(pix)
+            pix.append(s.pixel_values)
+            grids.append(s.image_grid_thw)
+            spans.append((start, start + n))
+            start += n
+    if not pix:
+        return None, None, None
+    index = torch.cat([torch.arange(*spans[unique[id(s.pixel_values)]]) for s in parts
+                       if s.pixel_values is not None])
+    return torch.cat(pix), torch.cat(grids), index
+
+
 def collate_padded(samples: list[Sample], rows: list[int]) -> MicroBatch:
     """The given samples as right-padded rows [b, T] (causal attention needs no mask)."""
     parts = [samples[r] for r in rows]
@@ -89,12 +114,11 @@ def collate_padded(samples: list[Sample], rows: list[int]) -> MicroBatch:
         ids[i, :n], pos[:, i, :n], labels[i, :n - 1] = s.input_ids, s.position_ids, s.input_ids[1:]
         in_prompt[i, :s.prompt_len] = True
         spans.append((i * width + s.prompt_len - 1, i * width + n - 1))
-    pix = [s.pixel_values for s in parts if s.pixel_values is not None]
-    grids = [s.image_grid_thw for s in parts if s.image_grid_thw is not None]
-    image_mask = in_prompt & (ids == parts[0].image_token_id) if pix and parts[0].image_token_id >= 0 else None
+    pix, grids, index = _images(parts)
+    image_mask = in_prompt & (ids == parts[0].image_token_id) if pix is not None else None
     return MicroBatch(rows=list(rows), input_ids=ids, position_ids=pos, labels=labels, response_spans=spans,
-                      image_mask=image_mask, pixel_values=torch.cat(pix) if pix else None,
-                      image_grid_thw=torch.cat(grids) if grids else None, num_tokens=len(parts) * width)
+                      image_mask=image_mask, pixel_values=pix, image_grid_thw=grids, feature_index=index,
+                      num_tokens=len(parts) * width)
 
 
 def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
@@ -118,16 +142,13 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
         causal = torch.ones(start, start, dtype=torch.bool).tril()
         mask = ~(causal & (seg_ids[:, None] == seg_ids[None, :]))
         mask = mask[None, None]
-    pix = [s.pixel_values for s in parts if s.pixel_values is not None]
-    grids = [s.image_grid_thw for s in parts if s.image_grid_thw is not None]
-    image_mask = None
-    if pix:
-        # Image features go to the prompts' image pads only; an image-pad id sampled in a response is a token.
-        image_mask = (in_prompt & (ids == parts[0].image_token_id))[None] if parts[0].image_token_id >= 0 else None
+    pix, grids, index = _images(parts)
+    # Image features go to the prompts' image pads only; an image-pad id sampled in a response is a token.
+    image_mask = (in_prompt & (ids == parts[0].image_token_id))[None] if pix is not None else None
     return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels[None],
                       response_spans=spans, attention_mask=mask, image_mask=image_mask,
-                      pixel_values=torch.cat(pix) if pix else None,
-                      image_grid_thw=torch.cat(grids) if grids else None, num_tokens=start)
+                      pixel_values=pix, feature_index=index,
+                      image_grid_thw=grids, num_tokens=start)
 
 
 def pack(samples: list[Sample], token_budget: int, packing: bool = True) -> list[MicroBatch]:

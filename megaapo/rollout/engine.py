@@ -77,6 +77,9 @@ class VllmEngine:
             import torch
 
             torch.manual_seed(seed)
+            # Cached prefixes from earlier calls (e.g. an eval) would make this batch's prefill differ from a
+            # resumed run's in the last bits; a seeded call starts from an empty cache.
+            self.llm.reset_prefix_cache()
         outs = self.llm.generate([self._input(p) for p in prompts], params, use_tqdm=False)
         results = []
         for o in outs:

