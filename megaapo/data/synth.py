@@ -10,6 +10,8 @@ Task families, three difficulty levels each (level 3 is far from solved by small
   bars    a bar chart with lettered bars: 1: which bar is tallest (a letter); 2: the height of one bar (1-9);
           3: the sum of two bars' heights
   digits  digits drawn in the image: 1: which digit is shown; 2: the sum of two digits; 3: a*b + c
+  colour  squares of distinct sizes and colours: 1-2: the colour of the largest (2, or 3-4 squares);
+          3: the colour of the smallest of 4
 The background is a mid grey near the CLIP mean, which normalises to ~0: with black backgrounds a small randomly
 initialised vision tower sees nearly identical features for every image and neither SFT nor RL learns (measured).
 """
@@ -44,13 +46,15 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _place_squares(rng: random.Random, size: int, n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """n non-overlapping squares (x, y, side), at least 2 px apart, inside a size x size canvas."""
+def _place_squares(rng: random.Random, size: int, n: int, lo: int, hi: int,
+                   sides: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """n non-overlapping squares (x, y, side), at least 2 px apart, inside a size x size canvas (sides given or
+    drawn from [lo, hi])."""
     for _ in range(200):
         placed: list[tuple[int, int, int]] = []
-        for _ in range(n):
+        for k in range(n):
             for _ in range(100):
-                s = rng.randint(lo, hi)
+                s = sides[k] if sides else rng.randint(lo, hi)
                 x, y = rng.randint(2, size - s - 2), rng.randint(2, size - s - 2)
                 if all(x + s + 2 <= px or px + ps + 2 <= x or y + s + 2 <= py or py + ps + 2 <= y
                        for px, py, ps in placed):
@@ -201,8 +205,32 @@ def task_digits(rng: random.Random, level: int, size: int) -> Problem:
     return Problem(img, question, answer, description, rationale, steps, key_steps)
 
 
+def task_colour(rng: random.Random, level: int, size: int) -> Problem:
+    """Which colour is the largest square (levels 1-2: 2 or 3-4 squares) or the smallest (level 3: 4 squares)."""
+    n = {1: 2, 2: rng.randint(3, 4), 3: 4}[level]
+    names = rng.sample(list(COLOURS), n)
+    lo, hi = max(5, size // 14), max(9, size // 4)
+    gap = 4 if level == 1 else 2   # distinct sides, clearly so at level 1
+    sides = rng.sample(range(lo, hi + 1, gap), n)
+    squares = list(zip(_place_squares(rng, size, n, lo, hi, sides), names))
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for (x, y, s), colour in squares:
+        draw.rectangle([x, y, x + s - 1, y + s - 1], fill=COLOURS[colour])
+    which = "smallest" if level == 3 else "largest"
+    ranked = sorted(squares, key=lambda q: q[0][2], reverse=which == "largest")
+    answer = ranked[0][1]
+    listing = ", ".join(f"{c} ({s[2]} px)" for s, c in ranked)
+    steps = [f"Compare the sizes of the squares: {listing}.", f"The {which} square is {answer}."]
+    key_steps = [[f"{which} square is {answer}", f"{answer} is the {which}", f"{which} is {answer}",
+                  f"{answer} square is the {which}"]]
+    return Problem(img, f"What colour is the {which} square?", answer,
+                   f"The image shows {n} squares of different sizes: {', '.join(names)}.",
+                   f"The question asks for the colour of the {which} square, so compare their sizes.", steps, key_steps)
+
+
 TASKS: dict[str, Callable[[random.Random, int, int], Problem]] = {
-    "count": task_count, "bars": task_bars, "digits": task_digits}
+    "count": task_count, "bars": task_bars, "digits": task_digits, "colour": task_colour}
 
 
 def solution_text(p: Problem) -> str:

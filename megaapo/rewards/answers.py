@@ -90,6 +90,9 @@ def gold_is_parsable(gold: str) -> bool:
     return choice_letter(gold) is not None or bool(_parse(gold.strip()))
 
 
+_WORD = re.compile(r"[A-Za-z][A-Za-z' -]{2,}")
+
+
 def answers_match(pred: Optional[str], gold: str) -> bool:
     """Is the predicted answer text equal to the gold answer? Letters as letters, math by math-verify."""
     if pred is None or not pred.strip():
@@ -97,6 +100,11 @@ def answers_match(pred: Optional[str], gold: str) -> bool:
     gold_letter = choice_letter(gold)
     if gold_letter is not None:
         return _predicted_letter(pred.strip()) == gold_letter
+    if normalise(pred) == normalise(gold):
+        return True
+    if _WORD.fullmatch(gold.strip()):
+        # A word answer (a colour, a name) is compared as text: math-verify would read "red" as r*e*d, slowly.
+        return False
     g, p = _parse(gold.strip()), _parse(pred.strip())
     if g and p:
         from math_verify import verify
