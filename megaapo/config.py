@@ -151,7 +151,11 @@ class AlgoConfig:
     faithful_to: str = _opt("paper", choices=["paper", "code"])
     dynamic_sampling: bool = _opt(False, help="DAPO: drop groups whose rewards are all equal")
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
-    updates_per_batch: int = _opt(1, ge=1, help="optimizer updates per rollout batch")
+    updates_per_batch: int = _opt(1, ge=1, help="optimizer updates per rollout batch: the batch is split into this "
+                                                "many mini-batches of whole groups, one update each")
+    old_logprob: str = _opt("learner", choices=["learner", "rollout"],
+                            help="pi_old for the PPO ratio: recomputed by the learner (a forward pass), or the engine's "
+                                 "sampled-token log-probs (same weights; exact in fp32, approximate in bf16)")
 
 
 # -------------------------------------------------------------------------------------------------------- reward

@@ -267,23 +267,28 @@ class Learner:
         self.optimizer.state.clear()
 
     # ------------------------------------------------------------------ state for checkpoints
-    def state_shards(self) -> dict:
+    def state_shards(self, optimizer: bool = True) -> dict:
         """This rank's model weights (a flat tensor dict) and optimizer + scheduler state, for megaapo.checkpoint."""
         model = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        if not optimizer:
+            return {"model": model}
         optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "version": self.version}
         if self.master is not None:
             optim["master"] = [m.detach().cpu() for m in self.master]
         return {"model": model, "optim": optim}
 
-    def load_state_shards(self, shards: dict) -> None:
+    def load_model_tensors(self, tensors: dict) -> None:
         state = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
-        missing = sorted(set(state) - set(shards["model"]))
+        missing = sorted(set(state) - set(tensors))
         if missing:
             raise ValueError(f"checkpoint lacks model tensors {missing[:3]}: written by a different model or layout?")
         with torch.no_grad():
             for k, v in state.items():
-                v.copy_(shards["model"][k])
+                v.copy_(tensors[k])
+
+    def load_state_shards(self, shards: dict) -> None:
+        self.load_model_tensors(shards["model"])
         self.optimizer.load_state_dict(shards["optim"]["optimizer"])
         self.scheduler.load_state_dict(shards["optim"]["scheduler"])
         self.version = int(shards["optim"]["version"])

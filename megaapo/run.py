@@ -90,8 +90,9 @@ class Run:
         self.state = ckpt.TrainState()
         self.ckpt_root = ckpt.checkpoint_root(cfg.checkpoint, self.run_dir)
         resumed = self._resume()
+        # The checkpoint's own step was logged by the run that wrote it; this run's first row is the next one.
         self.metrics = Metrics(cfg.logging, self.run_dir, to_dict(cfg), enabled=self.rank0,
-                               start_step=self.state.step, run_id=self.state.run_id)
+                               start_step=self.state.step + 1 if resumed else 0, run_id=self.state.run_id)
         self.state.run_id = self.metrics.run_id
         self.stop = ckpt.install_stop_handler() if cfg.checkpoint.save_on_sigterm else None
         if self.rank0:
@@ -128,6 +129,8 @@ class Run:
             return False
         loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False)
         self.policy.load_state_shards(loaded.shards)
+        if self.reference is not None and "ref" in loaded.shards:
+            self.reference.load_model_tensors(loaded.shards["ref"])
         ckpt.restore_rng(loaded.shards["rng"])
         self.state = ckpt.TrainState.from_dict(loaded.meta["train_state"])
         self.stream.load(self.state.data_position)
@@ -222,6 +225,9 @@ class Run:
     def save(self, step: int) -> Path:
         self.state.data_position = self.stream.state()
         shards = self.policy.state_shards() | {"rng": ckpt.capture_rng()}
+        if self.reference is not None and self.cfg.trainer.sft_warmup_steps:
+            # The reference is the warmed-up policy, which no file on disk holds.
+            shards["ref"] = self.reference.state_shards(optimizer=False)["model"]
         meta = {"train_state": self.state.to_dict()} if self.rank0 else None
         return ckpt.save(self.ckpt_root, step, shards, meta, self.cfg.checkpoint.keep_last,
                          group=dist.group.WORLD, checksum=self.cfg.checkpoint.checksum)
@@ -229,7 +235,8 @@ class Run:
     def stop_requested(self) -> bool:
         if self.stop is None or not self.stop.any_rank():
             return False
-        self.save(self.state.step)
+        if not self.should_save(self.state.step):   # else the loop has just saved this step
+            self.save(self.state.step)
         return True
 
     def finish(self) -> None:

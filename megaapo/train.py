@@ -56,26 +56,55 @@ class PromptStream:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-def rl_loss(exp, settings, old_logp, ref_logp, tis_cap: float):
-    """loss_fn for Learner.train_step: the configured policy loss over this micro-batch's rows."""
-    n_tokens = float(sum(exp.lengths[i] for i in range(len(exp.samples)) if exp.keep[i]))
-    n_seqs = float(exp.keep.sum())
+def minibatches(exp, k: int) -> list[list[int]]:
+    """Split the batch into k mini-batches of whole groups (GRPO's baseline lives in the group), in order."""
+    groups = exp.group.tolist()
+    n_groups = max(groups) + 1
+    bounds = [round(i * n_groups / k) for i in range(k + 1)]
+    return [[i for i, g in enumerate(groups) if bounds[j] <= g < bounds[j + 1]] for j in range(k)
+            if bounds[j + 1] > bounds[j]]
+
+
+def rl_loss(exp, idx, settings, old_logp, ref_logp, tis_cap: float):
+    """loss_fn for Learner.train_step over the mini-batch `idx` (indices into the rollout batch)."""
+    n_tokens = float(sum(exp.lengths[i] for i in idx if exp.keep[i]))
+    n_seqs = float(sum(bool(exp.keep[i]) for i in idx))
 
     def loss_fn(logp, entropy, mask, rows):
+        rows = [idx[r] for r in rows]
         width = logp.shape[1]
-        keep = exp.keep[rows].unsqueeze(-1)
-        mask = mask & keep
+        mask = mask & exp.keep[rows].unsqueeze(-1)
+        rollout = padded([exp.rollout_logp[r] for r in rows], width)
         old = padded([old_logp[r] for r in rows], width) if old_logp is not None else logp.detach()
         ref = padded([ref_logp[r] for r in rows], width) if ref_logp is not None else None
-        tis = tis_weight(old, padded([exp.rollout_logp[r] for r in rows], width), tis_cap) if tis_cap > 0 else None
+        tis = tis_weight(old, rollout, tis_cap) if tis_cap > 0 else None
         loss, metrics = policy_loss(logp, old, exp.advantages[rows], mask, settings, logp_ref=ref,
                                     kl_weight=exp.kl_weight[rows], tis_weight=tis, entropy=entropy,
-                                    num_tokens=n_tokens, num_seqs=n_seqs)
-        # The engine's sampled-token log-probs against the learner's (same weights): the rollout/train mismatch.
-        metrics.update({f"mismatch/{k}": v for k, v in logprob_mismatch(
-            padded([exp.rollout_logp[r] for r in rows], width), old, mask).items()})
+                                    num_tokens=max(n_tokens, 1.0), num_seqs=max(n_seqs, 1.0))
+        # The engine's sampled-token log-probs against the learner's current ones (same weights at the first
+        # update): the rollout/train mismatch.
+        metrics.update({f"mismatch/{k}": v for k, v in logprob_mismatch(rollout, logp.detach(), mask).items()})
         return loss, metrics
     return loss_fn
+
+
+def old_logprobs(cfg, policy, exp, samples):
+    """pi_old of the PPO ratio, when the updates need one (several mini-batches, or TIS)."""
+    if cfg.algo.updates_per_batch == 1 and cfg.rollout.tis_cap <= 0:
+        return None   # one on-policy update: pi_old is the current policy (detached)
+    if cfg.algo.old_logprob == "rollout":
+        return exp.rollout_logp
+    return policy.logprobs(samples, cfg.rollout.temperature)
+
+
+def update_metrics(updates) -> dict:
+    """Loss metrics averaged over the step's updates; the rollout/learner mismatch is the first update's (the
+    later ones also measure how far the policy moved)."""
+    keys = set().union(*(u.metrics for u in updates))
+    out = {k: sum(u.metrics.get(k, 0.0) for u in updates) / len(updates) for k in keys}
+    out.update({k: v for k, v in updates[0].metrics.items() if k.startswith("mismatch/")})
+    out["updates"] = len(updates)
+    return out
 
 
 def share(obj, groups):
@@ -101,10 +130,11 @@ def main(cfg) -> int:
     from megaapo.run import Run
 
     with Run(cfg) as run:
+        if run.dry:
+            return 0
         state = run.state
         policy, engines, stream = run.policy, run.engines, run.stream
         settings = LossSettings.from_config(cfg.algo, cfg.rollout.max_new_tokens)
-        need_old = cfg.algo.updates_per_batch > 1 or cfg.rollout.tis_cap > 0
         for step in run.progress(state.step, cfg.trainer.total_steps):
             m = run.metrics
             with m.timer("rollout"):
@@ -118,17 +148,18 @@ def main(cfg) -> int:
             samples = to_samples(rollouts, examples, run.pixels, policy)
             exp = build(rollouts, examples, rewards, cfg.algo, cfg.rollout, samples)
             with m.timer("old_logprob"):
-                old = policy.logprobs(samples, cfg.rollout.temperature) if need_old else None
+                old = old_logprobs(cfg, policy, exp, samples)
             with m.timer("ref_logprob"):
                 ref = run.reference.logprobs(samples, cfg.rollout.temperature) if run.reference else None
             with m.timer("update"):
-                updates = [policy.train_step(samples, rl_loss(exp, settings, old, ref, cfg.rollout.tis_cap),
+                updates = [policy.train_step([samples[i] for i in idx],
+                                             rl_loss(exp, idx, settings, old, ref, cfg.rollout.tis_cap),
                                              cfg.rollout.temperature, entropy=True)
-                           for _ in range(cfg.algo.updates_per_batch)]
+                           for idx in minibatches(exp, cfg.algo.updates_per_batch)]
             state.step, state.weight_version = step + 1, policy.version
             with m.timer("weight_sync"):
                 sync = sync_weights(policy, engines, policy.version)
-            row = summarize(exp) | updates[-1].metrics | run.throughput(exp) | \
+            row = summarize(exp) | update_metrics(updates) | run.throughput(exp) | \
                 {"reward/timeouts": rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)}
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 with m.timer("eval"):

@@ -81,20 +81,26 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_tp2_matches_single_process(tmp_path):
-    """Same first RL step at tp=2 under torchrun as in one process: identical rollouts and rewards, and the
-    learner's loss, KL and gradient norm within 1e-4 (no warm-up, so both start from the same weights)."""
-    common = ["trainer.total_steps=1", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
+    """Same RL steps at tp=2 under torchrun as in one process: identical rollouts and rewards, the learner's loss,
+    KL and gradient norm within 1e-4 (no warm-up, so both start from the same weights); and after the tp=2
+    learner's first weight broadcast the engine's sampled-token log-probs equal the learner's (the gathered TP
+    shards reached the engine intact)."""
+    common = ["trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
     single = _train(tmp_path / "tp1", *common)
     assert single.returncode == 0, single.stderr[-3000:]
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
            "demo", f"trainer.output_dir={tmp_path / 'tp2'}", *SMALL, *common, "parallel.tp=2"]
     tp2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert tp2.returncode == 0, tp2.stderr[-3000:]
-    a, b = _rows(tmp_path / "tp1")[-1], _rows(tmp_path / "tp2")[-1]
+    one = {r["step"]: r for r in _rows(tmp_path / "tp1")}
+    two = {r["step"]: r for r in _rows(tmp_path / "tp2")}
+    a, b = one[1], two[1]
     for key in ("reward/total", "train/accuracy", "len/mean"):
         assert a[key] == b[key], key
     for key in ("pg_loss", "kl", "grad_norm", "entropy"):
         assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    after_sync = two[2]
+    assert after_sync["mismatch/logp_diff_max"] < 1e-4, after_sync
 
 
 @pytest.mark.vllm

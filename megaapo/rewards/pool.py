@@ -63,9 +63,11 @@ class RewardScorer:
             from pebble import ProcessPool
 
             # forkserver: children never inherit the trainer's threads (vLLM, torch), and restarts after a timeout
-            # are cheap because the server has already imported the reward code.
+            # are cheap because the server has already imported the reward code. `_forkserver` moves the server
+            # and its workers out of the trainer's process group, so a SIGTERM sent to that group (torchrun stopping
+            # the trainer for a checkpoint) leaves them scoring until the trainer closes the pool.
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["megaapo.rewards"])
+            ctx.set_forkserver_preload(["megaapo.rewards", "megaapo.rewards._forkserver"])
             self._pool = ProcessPool(max_workers=num_workers, initializer=_init_worker, context=ctx)
 
     def score(self, inputs: list[RewardInput]) -> RewardBatch:
