@@ -94,7 +94,7 @@ class Run:
         self.metrics = Metrics(cfg.logging, self.run_dir, to_dict(cfg), enabled=self.rank0,
                                start_step=self.state.step + 1 if resumed else 0, run_id=self.state.run_id)
         self.state.run_id = self.metrics.run_id
-        self.stop = ckpt.install_stop_handler() if cfg.checkpoint.save_on_sigterm else None
+        self.stop = None
         if self.rank0:
             self._start_engines()
         if not resumed and cfg.trainer.sft_warmup_steps:
@@ -107,6 +107,8 @@ class Run:
             sync_weights(self.policy, self.engines, self.policy.version)
         if not resumed and cfg.trainer.eval_every:
             self.log(0, self.evaluate(0))
+        # From here on SIGTERM/SIGUSR1 mean "save at the next step and exit"; before, they simply stop the start-up.
+        self.stop = ckpt.install_stop_handler() if cfg.checkpoint.save_on_sigterm else None
 
     def _start_engines(self) -> None:
         from megaapo.rewards.pool import RewardScorer
@@ -243,7 +245,21 @@ class Run:
         if self.cfg.checkpoint.export_hf:
             out = self.policy.export_hf(self.run_dir / "hf_final")
             log.info("final policy exported to %s", out)
-        self.metrics.finish()
+        png = self.metrics.finish()
+        if self.rank0:
+            self._print_outcome(png)
+
+    def _print_outcome(self, png) -> None:
+        """The demo's question, answered in one line: did held-out accuracy rise during RL?"""
+        from megaapo.metrics import read_jsonl
+
+        evals = [(r["step"], r["eval/accuracy"]) for r in read_jsonl(self.metrics.jsonl_path) if "eval/accuracy" in r]
+        if len(evals) >= 2:
+            (s0, a0), (s1, a1) = evals[0], evals[-1]
+            print(f"held-out accuracy (greedy, {len(self.eval)} prompts): {100 * a0:.1f}% at step {s0} (start of RL)"
+                  f" -> {100 * a1:.1f}% at step {s1} ({100 * (a1 - a0):+.1f} points); best {100 * max(a for _, a in evals):.1f}%")
+        if png:
+            print(f"plot: {png}")
 
     def close(self) -> None:
         for fn in reversed(self._closers):

@@ -39,9 +39,9 @@ def test_synth_is_deterministic_and_self_consistent(tmp_path, synth_dir):
 
 
 def test_synth_covers_tasks_and_levels(tmp_path):
-    generate(tmp_path, n_train=90, n_eval=0, seed=0, progress=False)
+    generate(tmp_path, n_train=200, n_eval=0, seed=0, progress=False)
     seen = {(r["task"], r["level"]) for r in _rows(tmp_path / "train.jsonl")}
-    assert len(seen) == 9
+    assert len(seen) == 12   # 4 task families x 3 levels
 
 
 def test_readers_and_converters(tmp_path, synth_dir):
