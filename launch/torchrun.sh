@@ -11,6 +11,9 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 NNODES=${NNODES:-1}
+# On SIGTERM (SLURM pre-emption, a scheduler's stop) torchrun forwards it to the trainers, which finish their step
+# and save, and SIGKILLs those still running after this many seconds (torch's default, 30 s, can cut a save short).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
 RDZV_ID=${RDZV_ID:-megaapo-$$}
 exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \

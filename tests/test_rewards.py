@@ -92,6 +92,34 @@ def test_pool_scores_in_order_and_times_out_pathological_responses():
         assert again.total == [1.5] and again.timeouts == 0
 
 
+_GROUP_SIGTERM = """
+import os, signal
+from megaapo.rewards import RewardInput
+from megaapo.rewards.pool import RewardScorer
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(1))   # a trainer's StopFlag: save at the next step
+good = RewardInput("<think>x</think><answer>3</answer>", "3")
+tower = RewardInput("<think>x</think><answer>9^{9^{9^{9^{9}}}}</answer>", "3")
+with RewardScorer({"accuracy": 1.0, "format": 0.5}, num_workers=1, timeout_s=1.5) as scorer:
+    first = scorer.score([good]).total
+    os.killpg(0, signal.SIGTERM)   # what torchrun does to stop a worker
+    later = scorer.score([good, tower, good])   # the timeout needs a new worker from the forkserver
+    print(first, got, later.total, later.timeouts)
+"""
+
+
+def test_pool_outlives_sigterm_to_the_trainers_process_group():
+    """torchrun stops a trainer with killpg(SIGTERM); the trainer then finishes its step, so its reward workers (and
+    the forkserver that replaces them) must not die with it."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _GROUP_SIGTERM], capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[0] == "[1.5] [1] [1.5, 0.0, 1.5] 1", res.stdout + res.stderr[-2000:]
+
+
 def test_step_rewards_through_the_scorer():
     x = RewardInput(VALID, "3", key_steps=[["2 red"], ["nope"]])
     batch = RewardScorer({"step_rar": 1.0, "step_rvr": 1.0}, num_workers=0, alpha=0.1).score([x])
