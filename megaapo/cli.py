@@ -146,6 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megaapo.assets import prepare_inputs
     from megaapo.config import DEFAULT_PRESET, load_config, to_yaml
 
+    if args.config and "=" in args.config:   # `megaapo train key=value ...`: overrides of the default preset
+        args.overrides, args.config = [args.config, *args.overrides], None
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     run_dir = Path(cfg.trainer.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ VOLATILE = ("time/", "perf/", "sync/seconds")
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -75,12 +75,16 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_s:
     if backend == "gloo":
         install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        if "WORLD_SIZE" in os.environ:   # torchrun / our spawn helper: its rendezvous address
+            init = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
+        else:
+            # A single process picks a fresh port and leaves the environment alone, so that processes it starts
+            # (and later single-process runs) never inherit a port that is still bound.
+            init = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
