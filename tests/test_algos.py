@@ -216,7 +216,7 @@ def test_kernel_loss_settings_mirror_megaapo():
 
 
 def test_policy_loss_kernel_dispatch_rules(monkeypatch):
-    """Which batches `policy_loss` hands to the Triton kernel (the kernel path itself: tests/test_kernels.py)."""
+    """Which batches `policy_loss` hands to the Triton kernel (the kernel path itself: tests/test_kernels_policy_loss.py)."""
     from megaapo.algos.losses import _use_kernel
     B, T = 3, 4
     lp, mask, adv = torch.zeros(B, T), torch.ones(B, T, dtype=torch.bool), torch.zeros(B)
