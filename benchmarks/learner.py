@@ -3,9 +3,11 @@
     python benchmarks/learner.py                  # GPU: Qwen2.5-VL-3B-shaped (random weights), 4 x 4096 tokens, bf16
     python benchmarks/learner.py --smoke          # CPU: the tiny model, to check the script end to end
     python benchmarks/learner.py --write-docs     # also write the table to docs/learner.md
+    python benchmarks/learner.py --optim torch    # torch AdamW instead of megatron's distributed optimizer
 
 Both sides do the same work per step: a forward and backward of `--batch` sequences of `--seq` tokens with a loss on
-every token's log-prob, then an AdamW step. MFU counts model FLOPs (6 N per token + attention), not recompute.
+every token's log-prob, then an AdamW step (ours: megatron-core's DDP buffers + distributed optimizer, `optim.impl`
+auto on GPU, with the fused log-prob kernel adding the lm_head gradient into megatron's fp32 main_grad). MFU counts model FLOPs (6 N per token + attention), not recompute.
 The anchors (../shared/ANCHORS.md, one H100): HF 41% MFU; plain megatron-core with SDPA 48.5% at 2 x 4096.
 """
 
@@ -45,7 +47,7 @@ def fpt(shape, seq: int) -> float:
                            num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
 
 
-def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str) -> dict:
+def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str, optim: str) -> dict:
     from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
     from megaapo.distributed import init_distributed
     from megaapo.learner import Learner
@@ -53,7 +55,7 @@ def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str) -> d
 
     groups = init_distributed(1, 1)
     learner = Learner(path, groups, ModelConfig(dtype=dtype, recompute="selective"),
-                      ParallelConfig(micro_batch_tokens=seq), OptimConfig(lr=1e-5))
+                      ParallelConfig(micro_batch_tokens=seq), OptimConfig(impl=optim, lr=1e-5))
     vocab = learner.shape.vocab_size
     top = min(vocab, 150000, learner.shape.image_token_id)   # text only: no image pads without images
     samples = [learner.make_sample(torch.randint(0, top, (seq,)), 1) for _ in range(batch)]
@@ -66,7 +68,8 @@ def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str) -> d
         _sync()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"seconds": sorted(times[1:])[len(times[1:]) // 2], "peak_gib": peak, "shape": learner.shape}
+    return {"seconds": sorted(times[1:])[len(times[1:]) // 2], "peak_gib": peak, "shape": learner.shape,
+            "optim": learner.optim.name}
 
 
 def bench_hf(path: Path, batch: int, seq: int, steps: int, dtype: str) -> dict:
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--optim", choices=["auto", "megatron", "torch"], default="auto",
+                   help="the learner's optimizer (optim.impl); auto: megatron on GPU, torch on CPU")
     p.add_argument("--write-docs", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -115,13 +120,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(Path(tmp) / "model", args.smoke, dtype)
-        ours = bench_megaapo(path, args.batch, args.seq, args.steps, dtype)
+        ours = bench_megaapo(path, args.batch, args.seq, args.steps, dtype, args.optim)
         hf = None if args.skip_hf else bench_hf(path, args.batch, args.seq, args.steps, dtype)
     tokens = args.batch * args.seq
     per_token = fpt(ours["shape"], args.seq)
     peak = device_peak_flops(dtype) if torch.cuda.is_available() else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    rows = [("megaapo learner (megatron-core, SDPA)", ours)] + ([("HF transformers (SDPA)", hf)] if hf else [])
+    rows = [(f"megaapo learner (megatron-core, SDPA, {ours['optim']} optimizer)", ours)] + ([("HF transformers (SDPA)", hf)] if hf else [])
     lines = [f"device: {device}; {args.batch} x {args.seq} tokens per step, {dtype}; "
              f"{datetime.date.today().isoformat()}", "",
              "| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |", "|---|---|---|---|---|---|"]

@@ -337,8 +337,6 @@ class _FusedLogprob(torch.autograd.Function):
                         accumulate=main_grad is not None, use_saved=True, reduce_dx=reduce_grad_hidden)
         lm_head_pass(hidden, weight, targets, temperature, vocab_start, tp_group, want_ent, cfg, grad=spec,
                      saved=(lse, ez if b is not None else None), logits_dtype=logits_dtype)
-        if main_grad is not None and hasattr(weight, "grad_added_to_main_grad"):
-            weight.grad_added_to_main_grad = True
         gw = None if main_grad is not None or not ctx.needs_input_grad[1] else dw
         return spec.dx, gw, None, None, None, None, None, None, None, None, None
 

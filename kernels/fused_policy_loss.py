@@ -53,8 +53,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
                                        grad=spec, logits_dtype=logits_dtype)
         bt.lp, bt.ent = logp, ent
         _, out, loss = seq_coefficients(bt, s, num_tokens, num_seqs, with_lp=True)
-        if main_grad is not None and hasattr(weight, "grad_added_to_main_grad"):
-            weight.grad_added_to_main_grad = True
         ctx.has_main_grad = main_grad is not None
         ctx.save_for_backward(dx, None if main_grad is not None else dw)
         ctx.mark_non_differentiable(out, logp)

@@ -173,13 +173,17 @@ class RewardConfig:
 # --------------------------------------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
+    impl: str = _opt("auto", choices=["auto", "megatron", "torch"],
+                     help="megatron: megatron-core's DDP grad buffers + distributed optimizer (fp32 main weights and "
+                          "Adam state sharded over data-parallel ranks); torch: torch.optim.AdamW on every rank; "
+                          "auto: megatron on GPU, torch on CPU")
     lr: float = _opt(1e-6, gt=0.0)
     min_lr: float = _opt(0.0, ge=0.0)
     schedule: str = _opt("cosine", choices=["cosine", "constant", "linear"])
     warmup_ratio: float = _opt(0.0, ge=0.0, le=1.0)
     betas: list = _opt([0.9, 0.999])
     eps: float = _opt(1e-8, gt=0.0)
-    weight_decay: float = _opt(0.0, ge=0.0)
+    weight_decay: float = _opt(0.0, ge=0.0, help="not applied to biases and 1-D parameters (norms), as in Megatron")
     grad_clip: float = _opt(1.0, ge=0.0)
 
 

@@ -11,14 +11,14 @@ One training step, in order:
      the caller's `loss_fn` applied to its response log-probs, already normalised by the global batch, so gradients
      simply add up; on GPU a loss_fn with a fused form (`megaapo.experience.RLLoss`) runs as one
      `kernels.fused_policy_loss` call instead, which makes the loss gradient inside the log-prob pass
-  3. finish gradients: tied embedding (first + last stage) and data-parallel all-reduce
+  3. finish gradients: tied embedding (first + last stage) and the data-parallel reduction
   4. clip by the global gradient norm (each tensor-parallel shard counted once, replicated tensors once)
-  5. optimizer step (fp32 master weights when the model is in bf16) and learning-rate schedule
+  5. Adam step on fp32 main weights at the scheduled learning rate (megaapo.optim: megatron-core's DDP buffers and
+     distributed optimizer on GPU, torch AdamW on CPU)
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from megaapo.models.qwen2_5_vl.config import load_hf_config
 from megaapo.models.qwen2_5_vl.model import Qwen25VLModel
 from megaapo.models.qwen2_5_vl.rope import mrope_positions
 from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to_hf, tp_split_of
+from megaapo.optim import LRSchedule, make_optimizer
 
 # loss_fn(logp [n, R], entropy [n, R] | None, mask [n, R], rows) -> (scalar loss normalised by the *global* batch,
 # metrics). Row i holds the response log-probs of sample rows[i], right-padded (mask False) to the longest response.
@@ -68,40 +69,17 @@ class Learner:
         if model_cfg.freeze_vision and self.model.vision is not None:
             self.model.vision.requires_grad_(False)
         self.offload = model_cfg.ref_offload and optim_cfg is None and groups.device.type == "cuda"
-        self.optimizer = self.scheduler = None
+        self.optim = None
         if optim_cfg is not None:
-            self._build_optimizer(optim_cfg, total_steps)
+            self.optim = make_optimizer(self.model, groups, optim_cfg, self.shape.tie_embeddings)
+            self.lr_schedule = LRSchedule(optim_cfg, total_steps)
+            self.lr_step = 0   # optimizer steps taken on the schedule
         else:
             self.model.requires_grad_(False)
             self.model.eval()
             if self.offload:
                 self.model.to("cpu")
         self.version = 0
-
-    # ------------------------------------------------------------------ optimizer
-    def _build_optimizer(self, cfg, total_steps: int) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.master = None
-        if params and params[0].dtype != torch.float32:
-            # bf16/fp16 model: Adam updates fp32 master copies, which are cast back after every step.
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
-        self.train_params = params
-        self.optimizer = torch.optim.AdamW(self.master or params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
-        warmup = int(cfg.warmup_ratio * total_steps)
-        floor = cfg.min_lr / cfg.lr
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if cfg.schedule == "constant":
-                return 1.0
-            frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
-            return floor + (1 - floor) * decay
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.grad_clip = cfg.grad_clip
 
     # ------------------------------------------------------------------ batches
     def make_sample(self, input_ids, prompt_len, pixel_values=None, image_grid_thw=None,
@@ -136,7 +114,8 @@ class Learner:
             return out, partial(loss_of, mb)
 
         fb = get_forward_backward_func(pp_size=self.groups.pp_size)
-        kwargs = dict(forward_step_func=step, data_iterator=iter(mbs), model=[self.model],
+        model = self.optim.schedule_model if self.optim is not None else self.model   # megatron's DDP wrapper
+        kwargs = dict(forward_step_func=step, data_iterator=iter(mbs), model=[model],
                       num_microbatches=len(mbs), seq_length=max(mb.num_tokens for mb in mbs), micro_batch_size=1,
                       forward_only=forward_only, pg_collection=self.groups.pgc)
         if self.groups.pp_size > 1:
@@ -147,9 +126,11 @@ class Learner:
         """Hidden [T, b, h] of one micro-batch -> (logp [n, R], entropy [n, R] | None, mask [n, R])."""
         flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])   # row-major, as response_spans count
         idx = torch.cat([torch.arange(a, b) for a, b in mb.response_spans]).to(flat.device)
-        lp, ent = token_logprobs(flat.index_select(0, idx), self.model.output_weight(),
+        weight = self.model.output_weight()
+        lp, ent = token_logprobs(flat.index_select(0, idx), weight,
                                  mb.labels.reshape(-1).to(flat.device).index_select(0, idx), temperature=temperature,
-                                 tp_group=self.groups.tp if self.groups.tp_size > 1 else None, entropy=entropy)
+                                 tp_group=self.groups.tp if self.groups.tp_size > 1 else None, entropy=entropy,
+                                 main_grad=self._main_grad(weight))
         lens = [b - a for a, b in mb.response_spans]
         width = max(lens)
         mask = torch.zeros(len(lens), width, dtype=torch.bool, device=flat.device)
@@ -182,8 +163,13 @@ class Learner:
         # copy_to_tensor_model_parallel_region does on the unfused path: megatron's output layer is bypassed.
         loss, metrics, logp = fused_policy_loss(
             flat.index_select(0, idx), weight, labels, **inputs, temperature=temperature, with_entropy=entropy,
-            tp_group=self.groups.tp if self.groups.tp_size > 1 else None, return_logp=True)
+            tp_group=self.groups.tp if self.groups.tp_size > 1 else None, main_grad=self._main_grad(weight),
+            return_logp=True)
         return loss, loss_fn.fused_metrics(metrics, logp, mb.rows, lens, inputs["mask"])
+
+    def _main_grad(self, weight):
+        """Where the kernels put the lm_head gradient: megatron's fp32 main_grad buffer when training with it."""
+        return self.optim.main_grad(weight) if self.optim is not None and torch.is_grad_enabled() else None
 
     # ------------------------------------------------------------------ public passes
     @torch.no_grad()
@@ -215,8 +201,7 @@ class Learner:
 
         lr: a fixed learning rate for this update that leaves the schedule where it is (supervised warm-up)."""
         self.model.train()
-        for p in self.train_params:
-            p.grad = None
+        self.optim.zero_grad()
         reports: list[dict] = []
 
         def loss_of(mb, hidden):
@@ -231,70 +216,15 @@ class Learner:
 
         mbs = pack(samples, self.parallel.micro_batch_tokens, self.parallel.sequence_packing)
         self._run(mbs, loss_of, False)
-        self._finish_grads()
-        grad_norm = self._clip()
-        self._optimizer_step(lr)
+        self.optim.finish_grads()
+        if lr is None:
+            lr = self.lr_schedule(self.lr_step)
+            self.lr_step += 1
+        grad_norm = self.optim.step(lr)
         self.version += 1
         metrics = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]} if reports else {}
-        metrics.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        metrics.update(grad_norm=grad_norm, lr=lr)
         return StepResult(metrics=metrics, num_microbatches=len(mbs))
-
-    # ------------------------------------------------------------------ gradient plumbing
-    def _finish_grads(self) -> None:
-        g = self.groups
-        if self.shape.tie_embeddings and g.pp_size > 1 and (g.first_stage or g.last_stage):
-            w = self.model.lm.shared_embedding_or_output_weight()
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            dist.all_reduce(w.grad, group=g.embd)
-        if g.dp_size > 1:
-            # Losses are normalised by the global batch, so data-parallel gradients add (SUM, not mean).
-            for p in self.train_params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=g.dp)
-
-    def _clip(self) -> float:
-        g = self.groups
-        sq = torch.zeros((), dtype=torch.float64, device=g.device)
-        tied_copy = self.shape.tie_embeddings and g.pp_size > 1 and not g.first_stage
-        for name, p in self.model.named_parameters():
-            if p.grad is None or not p.requires_grad:
-                continue
-            if tied_copy and name == "lm.output_layer.weight":
-                continue   # the first stage counts the tied embedding
-            if tp_split_of(name) is None and g.tp_rank != 0:
-                continue   # replicated across TP: count once (megatron's own attribute is unset without init)
-            sq += p.grad.double().pow(2).sum()
-        if g.tp_size > 1:
-            dist.all_reduce(sq, group=g.tp)
-        if g.pp_size > 1:
-            dist.all_reduce(sq, group=g.pp)
-        norm = float(sq.sqrt())
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            for p in self.train_params:
-                if p.grad is not None:
-                    p.grad.mul_(self.grad_clip / (norm + 1e-6))
-        return norm
-
-    def _optimizer_step(self, lr: float | None = None) -> None:
-        if self.master is not None:
-            for m, p in zip(self.master, self.train_params):
-                m.grad = p.grad.float() if p.grad is not None else None
-        if lr is None:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            scheduled = [group["lr"] for group in self.optimizer.param_groups]
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            for group, value in zip(self.optimizer.param_groups, scheduled):
-                group["lr"] = value
-        if self.master is not None:
-            with torch.no_grad():
-                for m, p in zip(self.master, self.train_params):
-                    p.copy_(m)
 
     def copy_weights_from(self, other: "Learner") -> None:
         """Take another learner's current weights (same layout): the reference model after a warm-up."""
@@ -304,7 +234,7 @@ class Learner:
 
     def reset_optimizer_state(self) -> None:
         """Forget Adam's moments (after a supervised warm-up, so RL starts from clean statistics)."""
-        self.optimizer.state.clear()
+        self.optim.reset_state()
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_shards(self, optimizer: bool = True) -> dict:
@@ -312,10 +242,7 @@ class Learner:
         model = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
         if not optimizer:
             return {"model": model}
-        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "version": self.version}
-        if self.master is not None:
-            optim["master"] = [m.detach().cpu() for m in self.master]
+        optim = {"optimizer": self.optim.state_dict(), "lr_step": self.lr_step, "version": self.version}
         return {"model": model, "optim": optim}
 
     def load_model_tensors(self, tensors: dict) -> None:
@@ -326,16 +253,14 @@ class Learner:
         with torch.no_grad():
             for k, v in state.items():
                 v.copy_(tensors[k])
+        if self.optim is not None:
+            self.optim.reload_from_model()
 
     def load_state_shards(self, shards: dict) -> None:
         self.load_model_tensors(shards["model"])
-        self.optimizer.load_state_dict(shards["optim"]["optimizer"])
-        self.scheduler.load_state_dict(shards["optim"]["scheduler"])
+        self.optim.load_state_dict(shards["optim"]["optimizer"])
+        self.lr_step = int(shards["optim"]["lr_step"])
         self.version = int(shards["optim"]["version"])
-        if self.master is not None:
-            with torch.no_grad():
-                for m, saved in zip(self.master, shards["optim"]["master"]):
-                    m.copy_(saved)
 
     # ------------------------------------------------------------------ weights out
     def hf_weights(self, dtype: torch.dtype | None = None):

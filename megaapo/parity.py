@@ -84,7 +84,8 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
 
     groups = init_distributed(tp=tp, pp=pp)
     learner = Learner(hf_path, groups, ModelConfig(dtype="float32"),
-                      ParallelConfig(tp=tp, pp=pp, micro_batch_tokens=1), OptimConfig(grad_clip=0.0))
+                      ParallelConfig(tp=tp, pp=pp, micro_batch_tokens=1),
+                      OptimConfig(impl="torch", grad_clip=0.0))   # torch: the gradients stay in param.grad
     batch = parity_batch(hf_path)
     samples = [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
                for s in batch]
@@ -104,7 +105,7 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
 
     from megaapo.data.packing import pack
     learner._run(pack(samples, 1, packing=False), loss_of, forward_only=False)   # one sample per micro-batch
-    learner._finish_grads()
+    learner.optim.finish_grads()
     grads = {}
     for key, p in learner.model.named_parameters():
         p.data = p.grad if p.grad is not None else torch.zeros_like(p)   # export the gradients through the weight map

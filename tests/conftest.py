@@ -16,6 +16,13 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tied_model(tmp_path_factory):
+    from megaapo.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tied") / "model", vocab="small", tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     from megaapo.data.synth import generate
 

@@ -76,7 +76,7 @@ FUSED_CASES = {
 }
 
 
-def fused_learner(hf_path, tp, packing, budget):
+def fused_learner(hf_path, tp, packing, budget, pp=1):
     """fp32 learner. Adam's eps is 1e-4, not 1e-8: the first Adam step is lr * g / (|g| + eps), which for |g| near a
     tiny eps is a sign function that blows the fp32 rounding differences of two equal gradients up to ~1e-5 of the
     weights; with this eps the step stays smooth in g, so equal gradients give equal weights."""
@@ -84,8 +84,8 @@ def fused_learner(hf_path, tp, packing, budget):
     from megaapo.distributed import init_distributed
     from megaapo.learner import Learner
 
-    return Learner(hf_path, init_distributed(tp=tp, pp=1), ModelConfig(dtype="float32"),
-                   ParallelConfig(tp=tp, sequence_packing=packing, micro_batch_tokens=budget),
+    return Learner(hf_path, init_distributed(tp=tp, pp=pp), ModelConfig(dtype="float32"),
+                   ParallelConfig(tp=tp, pp=pp, sequence_packing=packing, micro_batch_tokens=budget),
                    OptimConfig(lr=1e-3, eps=1e-4, schedule="constant", grad_clip=1.0))
 
 
@@ -98,7 +98,12 @@ def fused_rl_batch(learner, hf_path):
 
     samples = [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
                for s in parity_batch(hf_path)] * 2
-    base = learner.logprobs(samples, temperature=0.9)   # PP = 1: every rank has them
+    base = learner.logprobs(samples, temperature=0.9)   # on the last pipeline stage
+    if learner.groups.pp_size > 1:   # every rank builds the same loss
+        import torch.distributed as dist
+        box = [base]
+        dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+        base = box[0]
     g = torch.Generator().manual_seed(0)
     near = lambda scale: [x + scale * torch.randn(x.shape, generator=g) for x in base]  # noqa: E731
     exp = SimpleNamespace(lengths=torch.tensor([len(x) for x in base]), keep=torch.tensor([True, True, False, True]),
@@ -144,13 +149,121 @@ def fused_vs_unfused(learner, hf_path, case):
     return out
 
 
-def fused_update_worker(rank, world, port, hf_path, tp, case, out_file):
+def fused_update_worker(rank, world, port, hf_path, tp, case, out_file, pp=1):
     """fused_vs_unfused on a TP group (gloo); each rank saves its own shards' results."""
     from megaapo.distributed import destroy, set_rank_env
 
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     _, _, _, packing, budget = FUSED_CASES[case]
-    learner = fused_learner(hf_path, tp, packing, budget)
-    torch.save(fused_vs_unfused(learner, hf_path, case), f"{out_file}.{rank}")
+    learner = fused_learner(hf_path, tp, packing, budget, pp)
+    res = fused_vs_unfused(learner, hf_path, case)
+    res["last_stage"] = learner.groups.last_stage
+    torch.save(res, f"{out_file}.{rank}")
+    destroy()
+
+
+# ------------------------------------------------------------------ optimizers (tests/test_optim.py)
+def optim_learner(hf_path, groups, impl, dtype="float32", steps=3, eps=1e-8):
+    """A learner whose every optimizer feature is active: cosine schedule with warm-up, weight decay (not on biases
+    and norms), clipping below the gradient norm. (eps: see fused_learner.)"""
+    from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
+    from megaapo.learner import Learner
+
+    return Learner(hf_path, groups, ModelConfig(dtype=dtype),
+                   ParallelConfig(tp=groups.tp_size, pp=groups.pp_size, micro_batch_tokens=10**9),
+                   OptimConfig(impl=impl, lr=2e-3, min_lr=1e-4, schedule="cosine", warmup_ratio=0.34,
+                               weight_decay=0.1, grad_clip=0.05, eps=eps), total_steps=steps)
+
+
+def optim_batch(learner, hf_path):
+    """This data-parallel rank's share of four samples and a loss normalised by the whole batch's tokens."""
+    from megaapo.parity import parity_batch
+
+    samples = [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
+               for s in parity_batch(hf_path)] * 2
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    total = sum(s.response_len for s in samples)
+    g = learner.groups
+    mine = list(range(g.dp_rank, len(samples), g.dp_size))
+
+    def loss_fn(logp, entropy, mask, rows):
+        weight = adv[[mine[r] for r in rows]].unsqueeze(1)
+        loss = -(weight * logp * mask).sum() / total
+        return loss, {"loss": loss.detach() * g.dp_size}
+    return [samples[i] for i in mine], loss_fn
+
+
+def _weights(learner):
+    return {k: v.detach().clone() for k, v in learner.model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
+    """Three updates per optimizer implementation from the same weights; for megatron also an interrupted run:
+    state after update 2 -> a fresh learner -> update 3. Each rank saves its metrics and weight shards."""
+    import copy
+
+    from megaapo.distributed import destroy, init_distributed, set_rank_env
+
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    groups = init_distributed(tp=tp, pp=pp)
+    out = {}
+    for impl in impls:
+        learner = optim_learner(hf_path, groups, impl, dtype)
+        out["start"] = _weights(learner)
+        samples, loss_fn = optim_batch(learner, hf_path)
+        metrics, saved = [], None
+        for step in range(3):
+            metrics.append(learner.train_step(samples, loss_fn).metrics)
+            if step == 1:
+                saved = copy.deepcopy(learner.state_shards())   # as written to disk: no tensor shared with the run
+        out[impl] = {"metrics": metrics, "weights": _weights(learner)}
+        if impl == "megatron":
+            resumed = optim_learner(hf_path, groups, impl, dtype)
+            resumed.load_state_shards(saved)
+            out["resumed"] = {"metrics": [resumed.train_step(samples, loss_fn).metrics],
+                              "weights": _weights(resumed)}
+    torch.save(out, f"{out_file}.{rank}")
+    destroy()
+
+
+def fused_megatron_worker(rank, world, port, hf_path, tp, out_file):
+    """One RL update through megatron's DDP buffers, unfused and fused (the lm_head gradient added by the kernel
+    straight into main_grad), from the same weights and optimizer state; results as fused_vs_unfused's, with the
+    gradients read from main_grad."""
+    import os
+
+    import kernels.fused_policy_loss as fpl
+    from megaapo.algos.losses import LossSettings
+    from megaapo.distributed import destroy, init_distributed, set_rank_env
+    from megaapo.train import rl_loss
+
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    learner = optim_learner(hf_path, init_distributed(tp=tp, pp=1), "megatron", eps=1e-4)
+    samples, exp, old, ref = fused_rl_batch(learner, hf_path)
+    loss = rl_loss(exp, list(range(4)), LossSettings(kl_coef=0.05, kl_estimator="k3"), old, ref, 0.0)
+    start, out = _weights(learner), {}
+    calls, real = [], fpl.fused_policy_loss
+    fpl.fused_policy_loss = lambda *a, **k: calls.append(1) or real(*a, **k)
+    grads, step = {}, learner.optim.step
+
+    def snapshot_then_step(lr):   # the reduced gradients, before the optimizer clips them in place
+        grads.update({k: p.main_grad.clone() for k, p in learner.model.named_parameters() if p.requires_grad})
+        return step(lr)
+    learner.optim.step = snapshot_then_step
+    try:
+        for name, flag in (("ref", "0"), ("got", "1")):
+            os.environ["MEGAAPO_TRITON"] = flag
+            learner.load_model_tensors(start)
+            learner.reset_optimizer_state()
+            learner.lr_step = 0
+            metrics = learner.train_step(samples, loss, temperature=0.9).metrics
+            out[name] = (metrics, _weights(learner), dict(grads))
+    finally:
+        fpl.fused_policy_loss = real
+        os.environ.pop("MEGAAPO_TRITON", None)
+    out["calls"], out["start"] = len(calls), start
+    torch.save(out, f"{out_file}.{rank}")
     destroy()

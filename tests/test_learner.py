@@ -17,13 +17,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tied_model(tmp_path_factory):
-    from megaapo.models.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("tied") / "model", vocab="small", tie_embeddings=True)
-
-
-@pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
     from megaapo.models.tiny import build_tiny
 

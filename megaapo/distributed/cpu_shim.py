@@ -2,12 +2,17 @@
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the math: it allocates small buffers on
 `torch.cuda.current_device()`, keeps dropout RNG states with `torch.cuda.get_rng_state`, and a few schedule counters
-are created with `device="cuda"`. On a machine without CUDA, `install()` redirects exactly those to the CPU; it does
-nothing where CUDA is available. Called once by `megaapo.distributed.init` before any model is built.
+are created with `device="cuda"`. Its DDP gradient buffers and distributed optimizer (`optim.impl=megatron`) add a
+few more: flag and norm tensors made on "cuda", and parameter-type checks that accept only `torch.cuda.*Tensor`
+names. On a machine without CUDA, `install()` redirects exactly those to the CPU, so the CPU tests run the same
+optimizer code a GPU run does; it does nothing where CUDA is available. Called once by `megaapo.distributed.init`
+before any model is built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 
 import torch
@@ -56,6 +61,49 @@ def install() -> None:
     # Schedule counters created with a literal device="cuda".
     schedules.torch = _CudaToCpu()
     p2p_communication.torch = _CudaToCpu()
+    _install_optimizer()
     _installed = True
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Within the block `tensor.type()` names CPU tensors as CUDA ones ("torch.cuda.FloatTensor"): megatron's
+    optimizer checks those names to tell fp32 from bf16/fp16 parameters, which is all it wants to know."""
+    original = torch.Tensor.type
+
+    def named(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(name, str) and not name.startswith("torch.cuda."):
+            name = "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _install_optimizer() -> None:
+    """megatron-core's DDP buffers, distributed optimizer and gradient clipping on CPU."""
+    import megatron.core.utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for module in (param_and_grad_buffer, moptimizer, distrib_optimizer, clip_grads, mutils):
+        module.torch = _CudaToCpu()   # overflow flags, norms and warm-up tensors made on "cuda"
+    build = distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups
+    distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = staticmethod(
+        _with_cuda_type_names(build))
+    moptimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(moptimizer.clip_grad_by_total_norm_fp32)
 
 

@@ -45,14 +45,18 @@ def _tp_reference(hidden, weight, labels, temperature, tp_group, want_entropy):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                   tp_group=None, entropy: bool = False, chunk_tokens: int = 4096, use_kernel: bool | None = None):
-    """hidden [N, h], weight [V/tp, h], labels [N] (global vocabulary ids) -> (logp [N], entropy [N] | None), fp32."""
+                   tp_group=None, entropy: bool = False, chunk_tokens: int = 4096, use_kernel: bool | None = None,
+                   main_grad: torch.Tensor | None = None):
+    """hidden [N, h], weight [V/tp, h], labels [N] (global vocabulary ids) -> (logp [N], entropy [N] | None), fp32.
+
+    main_grad: megatron's fp32 gradient buffer of `weight`; the kernel adds the weight gradient there (the PyTorch
+    path leaves it in weight.grad, where megatron's DDP hook adds it)."""
     if use_kernel is None:
         use_kernel = hidden.is_cuda
     if use_kernel:
         from kernels.fused_logprob import fused_logprob
         return fused_logprob(hidden, weight, labels, temperature=temperature, tp_group=tp_group,
-                             return_entropy=entropy)
+                             return_entropy=entropy, main_grad=main_grad)
     outs = [_tp_reference(hidden[i:i + chunk_tokens], weight, labels[i:i + chunk_tokens], temperature, tp_group,
                           entropy) for i in range(0, hidden.shape[0], chunk_tokens)] or [(hidden.new_zeros(0), None)]
     logp = torch.cat([o[0] for o in outs])

@@ -1,0 +1,268 @@
+"""The learner's optimizer: gradient reduction, clipping, the Adam step and the learning-rate schedule.
+
+Two implementations behind one small interface (`make_optimizer`, chosen by `optim.impl`):
+  megatron  megatron-core's DistributedDataParallel (every gradient lands in one fp32 `main_grad` buffer, reduced
+            over data-parallel ranks with a reduce-scatter) and its DistributedOptimizer (fp32 main weights and
+            Adam moments sharded over data-parallel ranks, updated weights all-gathered back). This is what a
+            cluster run uses (`auto` on GPU): per rank it holds 1/DP of the 12 bytes/parameter of optimizer state,
+            and the fused log-prob kernels add the lm_head gradient straight into `main_grad`.
+  torch     torch.optim.AdamW on every rank over replicated fp32 master copies, gradients all-reduced. The CPU
+            default: simple, and what megaapo's CPU tests compare the megatron path against.
+Both skip weight decay on biases and 1-D parameters (Megatron's rule), count tensor-parallel shards once and
+replicated tensors once in the gradient norm, and sum data-parallel gradients (the loss is already normalised by the
+global batch, so `calculate_per_token_loss` keeps megatron from dividing by DP).
+
+Owned by `megaapo.learner.Learner`; nothing else calls it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megaapo.models.qwen2_5_vl.weights import tp_split_of
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    return name.endswith(".bias") or param.ndim == 1
+
+
+class LRSchedule:
+    """lr at optimizer step k: linear warm-up over `warmup_ratio` of the run, then constant, cosine or linear decay
+    to `min_lr`. The learner keeps k and checkpoints it."""
+
+    def __init__(self, cfg, total_steps: int):
+        self.cfg, self.total = cfg, total_steps
+        self.warmup = int(cfg.warmup_ratio * total_steps)
+
+    def __call__(self, step: int) -> float:
+        cfg = self.cfg
+        if step < self.warmup:
+            return cfg.lr * (step + 1) / self.warmup
+        if cfg.schedule == "constant":
+            return cfg.lr
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    return ("megatron" if device.type == "cuda" else "torch") if impl == "auto" else impl
+
+
+def make_optimizer(model, groups, cfg, tie_embeddings: bool):
+    if resolve_impl(cfg.impl, groups.device) == "megatron":
+        return MegatronOptimizer(model, groups, cfg, tie_embeddings)
+    return TorchOptimizer(model, groups, cfg, tie_embeddings)
+
+
+def _set_lr(param_groups, lr: float) -> None:
+    for group in param_groups:
+        group["lr"] = lr
+
+
+def _tied_embedding_copy(groups, tie_embeddings: bool):
+    """With PP > 1 a tied embedding lives twice (first stage's embedding, last stage's output layer): their
+    gradients must be summed over the embedding group."""
+    return tie_embeddings and groups.pp_size > 1 and (groups.first_stage or groups.last_stage)
+
+
+class TorchOptimizer:
+    """torch.optim.AdamW, replicated on every rank; fp32 master copies when the model is in bf16/fp16."""
+
+    name = "torch"
+
+    def __init__(self, model, groups, cfg, tie_embeddings: bool):
+        self.model, self.groups, self.cfg, self.tie = model, groups, cfg, tie_embeddings
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.master = None
+        if self.params and self.params[0].dtype != torch.float32:
+            # Adam updates fp32 master copies, which are cast back after every step.
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        opt_params = self.master or self.params
+        decay = [q for (n, p), q in zip(named, opt_params) if not no_weight_decay(n, p)]
+        plain = [q for (n, p), q in zip(named, opt_params) if no_weight_decay(n, p)]
+        param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr,
+                                           betas=tuple(cfg.betas), eps=cfg.eps)
+        self.schedule_model = model   # what megatron's forward/backward schedule runs
+
+    def main_grad(self, param):
+        return None   # gradients land in param.grad
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def finish_grads(self) -> None:
+        """Tied-embedding sum over the first and last stage, then the data-parallel SUM."""
+        g = self.groups
+        if _tied_embedding_copy(g, self.tie):
+            w = self.model.lm.shared_embedding_or_output_weight()
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            dist.all_reduce(w.grad, group=g.embd)
+        if g.dp_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=g.dp)
+
+    def grad_norm(self) -> float:
+        """The global L2 norm: each tensor-parallel shard once, replicated tensors once, the tied copy once."""
+        g = self.groups
+        sq = torch.zeros((), dtype=torch.float64, device=g.device)
+        tied_copy = self.tie and g.pp_size > 1 and not g.first_stage
+        for name, p in self.model.named_parameters():
+            if p.grad is None or not p.requires_grad:
+                continue
+            if tied_copy and name == "lm.output_layer.weight":
+                continue   # the first stage counts the tied embedding
+            if tp_split_of(name) is None and g.tp_rank != 0:
+                continue   # replicated across TP: counted on TP rank 0
+            sq += p.grad.double().pow(2).sum()
+        if g.tp_size > 1:
+            dist.all_reduce(sq, group=g.tp)
+        if g.pp_size > 1:
+            dist.all_reduce(sq, group=g.pp)
+        return float(sq.sqrt())
+
+    def step(self, lr: float) -> float:
+        """Clip, one AdamW step at `lr`, cast back to the model; returns the gradient norm before clipping."""
+        norm = self.grad_norm()
+        clip = self.cfg.grad_clip
+        if clip > 0 and norm > clip:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(clip / (norm + 1e-6))
+        if self.master is not None:
+            for m, p in zip(self.master, self.params):
+                m.grad = p.grad.float() if p.grad is not None else None
+        _set_lr(self.optimizer.param_groups, lr)
+        self.optimizer.step()
+        if self.master is not None:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params):
+                    p.copy_(m)
+        return norm
+
+    def reset_state(self) -> None:
+        self.optimizer.state.clear()
+
+    def reload_from_model(self) -> None:
+        """The model's weights were replaced: refresh the fp32 masters from them."""
+        if self.master is not None:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params):
+                    m.copy_(p)
+
+    def state_dict(self) -> dict:
+        state = {"impl": self.name, "optimizer": self.optimizer.state_dict()}
+        if self.master is not None:
+            state["master"] = [m.detach().cpu() for m in self.master]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_impl(state, self.name)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.master is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.master, state["master"]):
+                    m.copy_(saved)
+
+
+class MegatronOptimizer:
+    """megatron-core DistributedDataParallel + DistributedOptimizer (sharded over data-parallel ranks)."""
+
+    name = "megatron"
+
+    def __init__(self, model, groups, cfg, tie_embeddings: bool):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        self.model, self.groups, self.cfg, self.tie = model, groups, cfg, tie_embeddings
+        # Megatron's gradient norm counts a parameter on every TP rank only when it carries the TP attributes; our
+        # layers are built without megatron's initialisation (weights come from the checkpoint), which is where
+        # megatron would set them.
+        for name, p in model.named_parameters():
+            split = tp_split_of(name)
+            if split is not None and not getattr(p, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(p, True, 0 if split == "rows" else 1, 1)
+        dtype = next(model.parameters()).dtype
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=True)
+        # calculate_per_token_loss (set by the learner) makes megatron SUM data-parallel gradients.
+        self.ddp = DistributedDataParallel(model.config, ddp_cfg, model, pg_collection=groups.pgc)
+        opt_cfg = OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                  adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
+                                  clip_grad=cfg.grad_clip, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                  params_dtype=dtype, use_distributed_optimizer=True)
+        # The standard overrides are megatron's no-weight-decay rule for biases and 1-D parameters.
+        self.optimizer = get_megatron_optimizer(opt_cfg, [self.ddp], get_standard_config_overrides(opt_cfg),
+                                                pg_collection=groups.pgc, use_gloo_process_groups=False)
+        self.schedule_model = self.ddp
+
+    def _parts(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def main_grad(self, param):
+        """The fp32 buffer megatron reduces: fused kernels add the lm_head gradient into it directly."""
+        return getattr(param, "main_grad", None)
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def finish_grads(self) -> None:
+        """Tied-embedding sum over the first and last stage, then megatron's data-parallel reduce-scatter."""
+        if _tied_embedding_copy(self.groups, self.tie):
+            dist.all_reduce(self.model.lm.shared_embedding_or_output_weight().main_grad, group=self.groups.embd)
+        self.ddp.finish_grad_sync()
+
+    def step(self, lr: float) -> float:
+        # megatron's groups carry multipliers that its own scheduler (not used here) applies at every step.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.cfg.weight_decay * group.get("wd_mult", 1.0)
+        ok, norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("megatron optimizer skipped the step: inf/nan in the fp16 gradients")
+        return float(norm)
+
+    def reset_state(self) -> None:
+        for part in self._parts():
+            part.optimizer.state.clear()
+
+    def reload_from_model(self) -> None:
+        self.optimizer.reload_model_params()
+
+    def state_dict(self) -> dict:
+        """This rank's shard: the inner Adam state over its fp32 main-weight shard, and that shard itself."""
+        parts = []
+        for part in self._parts():
+            main = [t.detach().cpu().clone() for group in part.shard_fp32_from_float16_groups for t in group]
+            parts.append({"inner": part.optimizer.state_dict(), "main": main})
+        return {"impl": self.name, "dp_size": self.groups.dp_size, "parts": parts}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_impl(state, self.name)
+        if state["dp_size"] != self.groups.dp_size:
+            raise ValueError(f"optimizer state was sharded over {state['dp_size']} data-parallel ranks, this run has "
+                             f"{self.groups.dp_size}: resume with the same number of trainer processes")
+        for part, saved in zip(self._parts(), state["parts"], strict=True):
+            part.optimizer.load_state_dict(saved["inner"])
+            mains = [t for group in part.shard_fp32_from_float16_groups for t in group]
+            with torch.no_grad():
+                for t, s in zip(mains, saved["main"], strict=True):
+                    t.copy_(s)
+
+
+def _check_impl(state: dict, impl: str) -> None:
+    saved = state.get("impl", "torch")
+    if saved != impl:
+        raise ValueError(f"checkpoint's optimizer state was written by optim.impl={saved}, this run uses "
+                         f"optim.impl={impl}: set optim.impl={saved} to resume it")
