@@ -163,7 +163,9 @@ class RLLoss:
     offers the fused form (`kernels.fused_policy_loss`, which makes the loss gradient inside the log-prob pass):
     `fused_inputs` gives the packed per-token constants of a micro-batch and `fused_metrics` turns the fused call's
     metrics and log-probs into the same metrics dict the loss_fn returns. Both forms divide by the mini-batch's
-    token and sequence counts (`num_tokens`, `num_seqs`), so micro-batch gradients simply add up.
+    token and sequence counts (`num_tokens`, `num_seqs`), so micro-batch gradients simply add up; the metrics are
+    contributions in the same sense (the learner sums them): the loss terms already are, and per-token means
+    (clip fraction, KL, the rollout mismatch) are weighted by the micro-batch's share of the mini-batch's tokens.
     """
 
     def __init__(self, exp, idx, settings, old_logp, ref_logp, tis_cap: float):
@@ -188,7 +190,14 @@ class RLLoss:
         # The engine's sampled-token log-probs against the learner's current ones (same weights at the first
         # update): the rollout/train mismatch.
         metrics.update({f"mismatch/{k}": v for k, v in logprob_mismatch(rollout, logp.detach(), mask).items()})
-        return loss, metrics
+        return loss, self._contributions(metrics, mask)
+
+    # metrics that policy_loss already normalises by the mini-batch's counts (the others are micro-batch means)
+    ADDITIVE = ("pg_loss", "kl_loss", "entropy")
+
+    def _contributions(self, metrics: dict, mask) -> dict:
+        share = float(mask.sum()) / self.num_tokens
+        return {k: v if k in self.ADDITIVE or k.endswith("_max") else v * share for k, v in metrics.items()}
 
     def fused_inputs(self, rows, lens, entropy: bool, device) -> dict | None:
         """Keyword arguments of `fused_policy_loss` (packed layout) for the micro-batch samples `rows` with response
@@ -217,4 +226,4 @@ class RLLoss:
         rollout = torch.cat([self.exp.rollout_logp[self.idx[r]][:n] for r, n in zip(rows, lens)]).to(logp.device)
         out = dict(metrics)
         out.update({f"mismatch/{k}": v for k, v in logprob_mismatch(rollout, logp, mask).items()})
-        return out
+        return self._contributions(out, mask)

@@ -5,8 +5,12 @@ rank; each rank holds its tensor/pipeline shard of the model, and megatron-core'
 activations between stages. Results that need the lm_head (log-probs, losses, metrics) exist on the last pipeline
 stage only; other stages return None.
 
+Data parallelism: every rank is handed the whole batch; each data-parallel replica takes its share of the samples
+(split by tokens, the same on every rank), so the gradients it makes add up, over the DP reduction, to the whole
+batch's. Forward-only log-probs are shared back over the DP group.
+
 One training step, in order:
-  1. pack the samples into micro-batches by token budget (megaapo.data.packing)
+  1. take this replica's share of the samples; pack it into micro-batches by token budget (megaapo.data.packing)
   2. forward/backward every micro-batch through megatron's schedule (1F1B for PP > 1); the loss of a micro-batch is
      the caller's `loss_fn` applied to its response log-probs, already normalised by the global batch, so gradients
      simply add up; on GPU a loss_fn with a fused form (`megaapo.experience.RLLoss`) runs as one
@@ -38,7 +42,9 @@ from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to
 from megaapo.optim import LRSchedule, make_optimizer
 
 # loss_fn(logp [n, R], entropy [n, R] | None, mask [n, R], rows) -> (scalar loss normalised by the *global* batch,
-# metrics). Row i holds the response log-probs of sample rows[i], right-padded (mask False) to the longest response.
+# metrics). Row i holds the response log-probs of sample rows[i] (an index into train_step's `samples`), right-padded
+# (mask False) to the longest response. Metrics are this micro-batch's *contributions*, normalised like the loss, so
+# the batch's value is their sum over micro-batches and data-parallel ranks; keys ending in "_max" are maxima.
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, list], tuple]
 
 
@@ -140,7 +146,7 @@ class Learner:
         ent_out = ent.new_zeros(len(lens), width).masked_scatter(mask, ent) if entropy else None
         return out, ent_out, mask
 
-    def _fused_loss(self, hidden, mb: MicroBatch, loss_fn, temperature: float, entropy: bool):
+    def _fused_loss(self, hidden, mb: MicroBatch, rows: list, loss_fn, temperature: float, entropy: bool):
         """The micro-batch's (loss, metrics) from `kernels.fused_policy_loss` (the loss gradient made inside the
         log-prob pass: 6NHV FLOPs, no logits recomputed), or None where the fused path does not apply: a loss_fn
         without the fused form (see `megaapo.experience.RLLoss`), CPU tensors (unless MEGAAPO_TRITON=1, the
@@ -151,7 +157,7 @@ class Learner:
                 or hidden.dtype != weight.dtype:
             return None
         lens = [b - a for a, b in mb.response_spans]
-        inputs = loss_fn.fused_inputs(mb.rows, lens, entropy, hidden.device)
+        inputs = loss_fn.fused_inputs(rows, lens, entropy, hidden.device)
         if inputs is None:
             return None
         from kernels.fused_policy_loss import fused_policy_loss
@@ -165,7 +171,39 @@ class Learner:
             flat.index_select(0, idx), weight, labels, **inputs, temperature=temperature, with_entropy=entropy,
             tp_group=self.groups.tp if self.groups.tp_size > 1 else None, main_grad=self._main_grad(weight),
             return_logp=True)
-        return loss, loss_fn.fused_metrics(metrics, logp, mb.rows, lens, inputs["mask"])
+        return loss, loss_fn.fused_metrics(metrics, logp, rows, lens, inputs["mask"])
+
+    def _dp_share(self, samples: list[Sample]) -> list[int]:
+        """Indices of the samples this data-parallel replica processes: longest first, each to the replica with the
+        fewest tokens so far (deterministic, so every rank computes the same split)."""
+        g = self.groups
+        if g.dp_size == 1:
+            return list(range(len(samples)))
+        load, mine = [0] * g.dp_size, []
+        for i in sorted(range(len(samples)), key=lambda i: -int(samples[i].input_ids.shape[0])):
+            r = min(range(g.dp_size), key=lambda r: load[r])
+            load[r] += int(samples[i].input_ids.shape[0])
+            if r == g.dp_rank:
+                mine.append(i)
+        return sorted(mine)
+
+    def _reduce_metrics(self, reports: list[dict]) -> dict:
+        """Sum (max for "_max" keys) of the micro-batch contributions over micro-batches and DP replicas."""
+        def merge(into: dict, item: dict) -> dict:
+            for k, v in item.items():
+                into[k] = max(into.get(k, v), v) if k.endswith("_max") else into.get(k, 0.0) + v
+            return into
+
+        total: dict = {}
+        for r in reports:
+            merge(total, r)
+        if self.groups.dp_size > 1:
+            parts = [None] * self.groups.dp_size
+            dist.all_gather_object(parts, total, group=self.groups.dp)
+            total = {}
+            for part in parts:
+                merge(total, part)
+        return total
 
     def _main_grad(self, weight):
         """Where the kernels put the lm_head gradient: megatron's fp32 main_grad buffer when training with it."""
@@ -178,20 +216,27 @@ class Learner:
         if self.offload:
             self.model.to(self.groups.device)
         self.model.eval()
+        mine = self._dp_share(samples)
         results: dict[int, tuple] = {}
 
         def loss_of(mb, hidden):
             lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
             for i, r in enumerate(mb.rows):
                 n = int(mask[i].sum())
-                results[r] = (lp[i, :n].cpu(), ent[i, :n].cpu() if entropy else None)
+                results[mine[r]] = (lp[i, :n].cpu(), ent[i, :n].cpu() if entropy else None)
             return hidden.new_zeros(()), torch.tensor(1), {}
 
-        self._run(pack(samples, self.parallel.micro_batch_tokens, self.parallel.sequence_packing), loss_of, True)
+        if mine:
+            self._run(pack([samples[i] for i in mine], self.parallel.micro_batch_tokens,
+                           self.parallel.sequence_packing), loss_of, True)
         if self.offload:
             self.model.to("cpu")
         if not self.groups.last_stage:
             return None
+        if self.groups.dp_size > 1:   # every replica gets every sample's log-probs
+            parts = [None] * self.groups.dp_size
+            dist.all_gather_object(parts, results, group=self.groups.dp)
+            results = {k: v for part in parts for k, v in part.items()}
         lps = [results[i][0] for i in range(len(samples))]
         return (lps, [results[i][1] for i in range(len(samples))]) if entropy else lps
 
@@ -202,27 +247,30 @@ class Learner:
         lr: a fixed learning rate for this update that leaves the schedule where it is (supervised warm-up)."""
         self.model.train()
         self.optim.zero_grad()
+        mine = self._dp_share(samples)
         reports: list[dict] = []
 
         def loss_of(mb, hidden):
-            fused = self._fused_loss(hidden, mb, loss_fn, temperature, entropy)
+            rows = [mine[r] for r in mb.rows]
+            fused = self._fused_loss(hidden, mb, rows, loss_fn, temperature, entropy)
             if fused is not None:
                 loss, metrics = fused
             else:
                 lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
-                loss, metrics = loss_fn(lp, ent, mask, mb.rows)
+                loss, metrics = loss_fn(lp, ent, mask, rows)
             reports.append({k: float(v) for k, v in metrics.items()})
             return loss, torch.tensor(1), {}
 
-        mbs = pack(samples, self.parallel.micro_batch_tokens, self.parallel.sequence_packing)
-        self._run(mbs, loss_of, False)
+        mbs = pack([samples[i] for i in mine], self.parallel.micro_batch_tokens, self.parallel.sequence_packing)
+        if mbs:   # a replica left without samples still joins the gradient reduction, with zeros
+            self._run(mbs, loss_of, False)
         self.optim.finish_grads()
         if lr is None:
             lr = self.lr_schedule(self.lr_step)
             self.lr_step += 1
         grad_norm = self.optim.step(lr)
         self.version += 1
-        metrics = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]} if reports else {}
+        metrics = self._reduce_metrics(reports)
         metrics.update(grad_norm=grad_norm, lr=lr)
         return StepResult(metrics=metrics, num_microbatches=len(mbs))
 
@@ -257,6 +305,11 @@ class Learner:
             self.optim.reload_from_model()
 
     def load_state_shards(self, shards: dict) -> None:
+        if "lr_step" not in shards["optim"]:
+            from megaapo.checkpoint import CheckpointError
+            raise CheckpointError("this checkpoint's optimizer state predates megaapo.optim (its layout changed) and "
+                                  "cannot be resumed; start a new run from its weights instead (model.path=<its "
+                                  "hf_final or an exported step>)")
         self.load_model_tensors(shards["model"])
         self.optim.load_state_dict(shards["optim"]["optimizer"])
         self.lr_step = int(shards["optim"]["lr_step"])

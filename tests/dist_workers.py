@@ -177,21 +177,19 @@ def optim_learner(hf_path, groups, impl, dtype="float32", steps=3, eps=1e-8):
 
 
 def optim_batch(learner, hf_path):
-    """This data-parallel rank's share of four samples and a loss normalised by the whole batch's tokens."""
+    """Four samples and a policy-gradient loss normalised by all their tokens (each data-parallel replica of the
+    learner takes its share of the samples itself)."""
     from megaapo.parity import parity_batch
 
     samples = [learner.make_sample(s["input_ids"], s["prompt_len"], s["pixel_values"], s["image_grid_thw"])
                for s in parity_batch(hf_path)] * 2
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     total = sum(s.response_len for s in samples)
-    g = learner.groups
-    mine = list(range(g.dp_rank, len(samples), g.dp_size))
 
     def loss_fn(logp, entropy, mask, rows):
-        weight = adv[[mine[r] for r in rows]].unsqueeze(1)
-        loss = -(weight * logp * mask).sum() / total
-        return loss, {"loss": loss.detach() * g.dp_size}
-    return [samples[i] for i in mine], loss_fn
+        loss = -(adv[rows].unsqueeze(1) * logp * mask).sum() / total
+        return loss, {"loss": loss.detach()}
+    return samples, loss_fn
 
 
 def _weights(learner):
@@ -213,6 +211,7 @@ def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
         learner = optim_learner(hf_path, groups, impl, dtype)
         out["start"] = _weights(learner)
         samples, loss_fn = optim_batch(learner, hf_path)
+        out["logp"] = learner.logprobs(samples)
         metrics, saved = [], None
         for step in range(3):
             metrics.append(learner.train_step(samples, loss_fn).metrics)

@@ -108,6 +108,37 @@ def test_packed_and_padded_batches_equal_unbatched(learner, tiny_model):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5), (packing, budget)
 
 
+def test_metrics_do_not_depend_on_micro_batching(learner, tiny_model):
+    """The RL loss reports contributions that the learner sums: one micro-batch or one per sample, the logged
+    pg_loss, KL, clip fraction, entropy and rollout mismatch are the same (they were averaged over micro-batches,
+    which divided the loss terms by their count)."""
+    from dist_workers import fused_rl_batch
+
+    from megaapo.algos.losses import LossSettings
+    from megaapo.train import rl_loss
+
+    samples, exp, old, ref = fused_rl_batch(learner, tiny_model)
+    loss = rl_loss(exp, list(range(4)), LossSettings(kl_coef=0.05, kl_estimator="k3"), old, ref, 0.0)
+    start = {k: v.detach().clone() for k, v in learner.model.state_dict().items() if not k.endswith("_extra_state")}
+    budget, got = learner.parallel.micro_batch_tokens, []
+    try:
+        for tokens in (10**9, 1):
+            learner.parallel.micro_batch_tokens = tokens
+            learner.load_model_tensors(start)
+            learner.reset_optimizer_state()
+            got.append(learner.train_step(samples, loss, temperature=0.9, entropy=True))
+    finally:
+        learner.parallel.micro_batch_tokens = budget
+        learner.load_model_tensors(start)
+        learner.reset_optimizer_state()
+    assert (got[0].num_microbatches, got[1].num_microbatches) == (1, 4)
+    one, many = got[0].metrics, got[1].metrics
+    assert {"pg_loss", "kl", "kl_loss", "clip_frac", "entropy", "mismatch/logp_diff_max"} <= set(one)
+    for k, v in one.items():
+        if k != "lr":
+            assert many[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
 def test_pack_plan_respects_budget():
     from megaapo.data.packing import plan
 

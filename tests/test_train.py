@@ -78,30 +78,56 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
         assert g == w, f"step {w['step']} differs after resume"
 
 
-@pytest.mark.vllm
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_torchrun_tp2_matches_single_process(tmp_path):
-    """Same RL steps at tp=2 under torchrun as in one process: identical rollouts and rewards, the learner's loss,
-    KL and gradient norm within 1e-4 (no warm-up, so both start from the same weights); and after the tp=2
-    learner's first weight broadcast the engine's sampled-token log-probs equal the learner's (the gathered TP
-    shards reached the engine intact)."""
-    common = ["trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
-    single = _train(tmp_path / "tp1", *common)
+# Two RL steps from the same weights (no warm-up), the reference of the layout and optimizer comparisons below.
+COMMON = ["trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp1")
+    single = _train(out, *COMMON)
     assert single.returncode == 0, single.stderr[-3000:]
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
-           "demo", f"trainer.output_dir={tmp_path / 'tp2'}", *SMALL, *common, "parallel.tp=2"]
-    tp2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert tp2.returncode == 0, tp2.stderr[-3000:]
-    one = {r["step"]: r for r in _rows(tmp_path / "tp1")}
-    two = {r["step"]: r for r in _rows(tmp_path / "tp2")}
-    a, b = one[1], two[1]
+    return {r["step"]: r for r in _rows(out)}
+
+
+def _same_step(a: dict, b: dict) -> None:
     for key in ("reward/total", "train/accuracy", "len/mean"):
         assert a[key] == b[key], key
     for key in ("pg_loss", "kl", "grad_norm", "entropy"):
         assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
-    after_sync = two[2]
+
+
+@pytest.mark.vllm
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "optim.impl=megatron"], ids=["tp2", "dp2-megatron"])
+def test_torchrun_matches_single_process(single_run, tmp_path, layout):
+    """Same RL steps on two processes under torchrun as in one: at tp=2, and at dp=2 (each replica scores and trains
+    on half the samples, megatron's optimizer sharded over the two). Identical rollouts and rewards, the learner's
+    loss, KL and gradient norm within 1e-4 (no warm-up, so both start from the same weights); and after the first
+    weight broadcast the engine's sampled-token log-probs equal the learner's (the gathered weights reached the
+    engine intact)."""
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
+           "demo", f"trainer.output_dir={tmp_path / 'run'}", *SMALL, *COMMON, layout]
+    two = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = {r["step"]: r for r in _rows(tmp_path / "run")}
+    _same_step(single_run[1], rows[1])
+    after_sync = rows[2]
     assert after_sync["mismatch/logp_diff_max"] < 1e-4, after_sync
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_megatron_optimizer_in_the_loop(single_run, tmp_path):
+    """The RL loop on megatron's DDP + distributed optimizer (the GPU default) makes the torch optimizer's updates:
+    the second step's rollouts (sampled after the first update's weights reached the engine) and learner metrics
+    match."""
+    run = _train(tmp_path / "mcore", *COMMON, "optim.impl=megatron")
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = {r["step"]: r for r in _rows(tmp_path / "mcore")}
+    for step in (1, 2):
+        _same_step(single_run[step], got[step])
 
 
 @pytest.mark.vllm
