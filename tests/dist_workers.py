@@ -76,8 +76,8 @@ FUSED_CASES = {
 }
 
 
-def fused_learner(hf_path, tp, packing, budget, pp=1):
-    """fp32 learner. Adam's eps is 1e-4, not 1e-8: the first Adam step is lr * g / (|g| + eps), which for |g| near a
+def fused_learner(hf_path, tp, packing, budget, pp=1, impl="torch"):
+    """fp32 learner (impl: its optimizer, megaapo.optim). Adam's eps is 1e-4, not 1e-8: the first Adam step is lr * g / (|g| + eps), which for |g| near a
     tiny eps is a sign function that blows the fp32 rounding differences of two equal gradients up to ~1e-5 of the
     weights; with this eps the step stays smooth in g, so equal gradients give equal weights."""
     from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
@@ -86,7 +86,7 @@ def fused_learner(hf_path, tp, packing, budget, pp=1):
 
     return Learner(hf_path, init_distributed(tp=tp, pp=pp), ModelConfig(dtype="float32"),
                    ParallelConfig(tp=tp, pp=pp, sequence_packing=packing, micro_batch_tokens=budget),
-                   OptimConfig(lr=1e-3, eps=1e-4, schedule="constant", grad_clip=1.0))
+                   OptimConfig(impl=impl, lr=1e-3, eps=1e-4, schedule="constant", grad_clip=1.0))
 
 
 def fused_rl_batch(learner, hf_path):
@@ -114,7 +114,8 @@ def fused_rl_batch(learner, hf_path):
 
 def fused_vs_unfused(learner, hf_path, case):
     """One update unfused (MEGAAPO_TRITON=0), then the same update from the same weights fused (MEGAAPO_TRITON=1).
-    Returns {'ref'|'got': (metrics, weights, grads)} of this rank and the number of fused calls."""
+    Returns {'ref'|'got': (metrics, weights, grads)} of this rank and the number of fused calls. The gradients are
+    megatron's fp32 main_grad buffers under optim.impl=megatron (where the fused kernel writes), else param.grad."""
     import os
 
     import kernels.fused_policy_loss as fpl
@@ -138,7 +139,8 @@ def fused_vs_unfused(learner, hf_path, case):
             metrics = learner.train_step(samples, loss, temperature=0.9, entropy=entropy).metrics
             weights = {k: v.detach().clone() for k, v in learner.model.state_dict().items()
                        if not k.endswith("_extra_state")}
-            grads = {k: p.grad.clone() for k, p in learner.model.named_parameters() if p.grad is not None}
+            grads = {k: getattr(p, "main_grad", p.grad).clone() for k, p in learner.model.named_parameters()
+                     if getattr(p, "main_grad", p.grad) is not None}
             out[name] = (metrics, weights, grads)
             if name == "ref":
                 assert not calls, "MEGAAPO_TRITON=0 took the fused path"
@@ -149,14 +151,14 @@ def fused_vs_unfused(learner, hf_path, case):
     return out
 
 
-def fused_update_worker(rank, world, port, hf_path, tp, case, out_file, pp=1):
-    """fused_vs_unfused on a TP group (gloo); each rank saves its own shards' results."""
+def fused_update_worker(rank, world, port, hf_path, tp, case, out_file, pp=1, impl="torch"):
+    """fused_vs_unfused on a TP x PP layout (gloo); each rank saves its own shards' results."""
     from megaapo.distributed import destroy, set_rank_env
 
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     _, _, _, packing, budget = FUSED_CASES[case]
-    learner = fused_learner(hf_path, tp, packing, budget, pp)
+    learner = fused_learner(hf_path, tp, packing, budget, pp, impl)
     res = fused_vs_unfused(learner, hf_path, case)
     res["last_stage"] = learner.groups.last_stage
     torch.save(res, f"{out_file}.{rank}")
@@ -223,46 +225,5 @@ def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
             resumed.load_state_shards(saved)
             out["resumed"] = {"metrics": [resumed.train_step(samples, loss_fn).metrics],
                               "weights": _weights(resumed)}
-    torch.save(out, f"{out_file}.{rank}")
-    destroy()
-
-
-def fused_megatron_worker(rank, world, port, hf_path, tp, out_file):
-    """One RL update through megatron's DDP buffers, unfused and fused (the lm_head gradient added by the kernel
-    straight into main_grad), from the same weights and optimizer state; results as fused_vs_unfused's, with the
-    gradients read from main_grad."""
-    import os
-
-    import kernels.fused_policy_loss as fpl
-    from megaapo.algos.losses import LossSettings
-    from megaapo.distributed import destroy, init_distributed, set_rank_env
-    from megaapo.train import rl_loss
-
-    set_rank_env(rank, world, port)
-    torch.set_num_threads(1)
-    learner = optim_learner(hf_path, init_distributed(tp=tp, pp=1), "megatron", eps=1e-4)
-    samples, exp, old, ref = fused_rl_batch(learner, hf_path)
-    loss = rl_loss(exp, list(range(4)), LossSettings(kl_coef=0.05, kl_estimator="k3"), old, ref, 0.0)
-    start, out = _weights(learner), {}
-    calls, real = [], fpl.fused_policy_loss
-    fpl.fused_policy_loss = lambda *a, **k: calls.append(1) or real(*a, **k)
-    grads, step = {}, learner.optim.step
-
-    def snapshot_then_step(lr):   # the reduced gradients, before the optimizer clips them in place
-        grads.update({k: p.main_grad.clone() for k, p in learner.model.named_parameters() if p.requires_grad})
-        return step(lr)
-    learner.optim.step = snapshot_then_step
-    try:
-        for name, flag in (("ref", "0"), ("got", "1")):
-            os.environ["MEGAAPO_TRITON"] = flag
-            learner.load_model_tensors(start)
-            learner.reset_optimizer_state()
-            learner.lr_step = 0
-            metrics = learner.train_step(samples, loss, temperature=0.9).metrics
-            out[name] = (metrics, _weights(learner), dict(grads))
-    finally:
-        fpl.fused_policy_loss = real
-        os.environ.pop("MEGAAPO_TRITON", None)
-    out["calls"], out["start"] = len(calls), start
     torch.save(out, f"{out_file}.{rank}")
     destroy()

@@ -130,13 +130,15 @@ def test_fused_update_into_megatron_main_grad(tied_model, tmp_path, tp, request)
         return
     from megaapo.distributed import spawn
 
-    from dist_workers import fused_megatron_worker
+    from dist_workers import fused_update_worker
 
-    spawn(fused_megatron_worker, tp, str(tied_model), tp, str(tmp_path / "res.pt"))
+    case = "kl_tis_entropy"
+    over, _, entropy, _, _ = FUSED_CASES[case]
+    spawn(fused_update_worker, tp, str(tied_model), tp, case, str(tmp_path / "res.pt"), 1, "megatron")
     for rank in range(tp):
         res = torch.load(tmp_path / f"res.pt.{rank}")
-        assert res["calls"] >= 1
-        check_same_update(res, kl=True, entropy=False)
+        assert res["calls"] > 1   # once per micro-batch
+        check_same_update(res, over.get("kl_coef", 0) > 0, entropy)
 
 
 def test_rl_loss_declines_the_fused_form_it_cannot_match():
