@@ -182,16 +182,8 @@ class MegatronOptimizer:
     def __init__(self, model, groups, cfg, tie_embeddings: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         self.model, self.groups, self.cfg, self.tie = model, groups, cfg, tie_embeddings
-        # Megatron's gradient norm counts a parameter on every TP rank only when it carries the TP attributes; our
-        # layers are built without megatron's initialisation (weights come from the checkpoint), which is where
-        # megatron would set them.
-        for name, p in model.named_parameters():
-            split = tp_split_of(name)
-            if split is not None and not getattr(p, "tensor_model_parallel", False):
-                set_tensor_model_parallel_attributes(p, True, 0 if split == "rows" else 1, 1)
         dtype = next(model.parameters()).dtype
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=True)

@@ -48,6 +48,20 @@ class Qwen25VLModel(nn.Module):
             self.vision = Qwen2_5_VisionTransformerPretrainedModel(vcfg).to(self.config.params_dtype)
         self.layer_offset = groups.pp_rank * (self.shape.num_layers // groups.pp_size)
         self.tp_group = groups.tp
+        self._mark_tp_shards()
+
+    def _mark_tp_shards(self) -> None:
+        """Give every tensor-parallel shard megatron's TP attributes. megatron sets them while initialising weights,
+        which is skipped here (weights come from the checkpoint); its gradient norm counts a parameter on every TP
+        rank only when they are set."""
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        from .weights import tp_split_of
+
+        for name, p in self.named_parameters():
+            split = tp_split_of(name)
+            if split is not None and not getattr(p, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(p, True, 1 if split == "cols" else 0, 1)
 
     # megatron's pipeline schedule hands the previous stage's activations in through this hook.
     def set_input_tensor(self, input_tensor) -> None:
