@@ -1,5 +1,7 @@
 """Rewards: answer checking with math-verify, the R1 format, StepRAR/StepRVR rules, and the timeout pool."""
 
+import random
+
 import pytest
 
 from megaapo.rewards import REWARDS, RewardInput, step_rar, step_rvr
@@ -71,6 +73,70 @@ def test_latex_fractions(pred, ok):
 ])
 def test_precision_rounds_both_numbers(pred, gold, precision, ok):
     assert answers_match(pred, gold, precision=precision) is ok
+
+
+# All but six of these pairs matched before (whitespace deleted, math-verify reading "1 2" as 3, a hedge read as
+# its first letter...).
+@pytest.mark.parametrize("pred,gold", [
+    ("1 2", "12"), ("re d", "red"), ("Re d", "red"), ("12 345", "12345"), ("1\t2", "12"), ("1\n2", "12"),
+    ("1\u00a02", "12"), ("1\\,2", "12"), ("1\\ 2", "12"), ("1~2", "12"), ("1\\quad 2", "12"), ("0 .5", "0.5"),
+    ("1. 5", "1.5"), ("1 ,000", "1,000"), ("\\frac{1}{2 0}", "\\frac{1}{20}"), ("x y", "xy"),
+    ("larger than", "largerthan"),
+    ("1 2", "3"), ("3 4", "7"), ("12 345", "357"), ("1 1/2", "\\frac{3}{2}"),   # math-verify adds split numbers
+    ("1\n2", "2"), ("3 \\\\ 4", "4"), ("3{}4", "3"), ("3\u200b4", "3"), ("3 \\lor 4", "4"),   # or reads one of them
+    ("3\x00\x003", "3"), ("3\x00\x003", "33"), ("0.3\u0304", "0.3"),   # control characters, a combining overline
+    ("3\\text{4}", "3"),                                             # a \text{} holding a digit is no unit
+    ("(A) or (B)", "A"), ("(A) or (B)", "B"), ("A triangle", "A"),      # a hedge, an article
+])
+def test_no_merged_or_split_token_matches(pred, gold):
+    assert not answers_match(pred, gold) and not answers_match(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("9 \\pi", "9\\pi"), ("x = 3", "x=3"), ("(1, 2)", "(1,2)"), ("- 3", "-3"), ("1 /2", "1/2"), ("2 x", "2x"),
+    ("  3\n", "3"), ("3\x00", "3"), ("\\text{ red }", "red"), ("$5$", "5"), ("Larger  than", "larger than"),
+    ("The answer is 3", "3"), ("1,000", "1000"),
+])
+def test_separators_that_split_no_token_are_ignored(pred, gold):
+    assert answers_match(pred, gold)
+
+
+# Separators and where they would split a token (between two letters, two digits, a digit and "." or ",")
+SEPARATORS = [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u2009", "\u3000", "\\,", "\\ ", "\\;", "\\!", "\\quad ", "~",
+              "\\\\", "{}", "\x00", "\x00\x00", "\x1b", "\u200b", "\ufeff", "\u00ad"]
+
+
+def _gold_answers(rng):
+    digits = lambda n: str(rng.randint(10 ** (n - 1), 10 ** n - 1))   # noqa: E731
+    word = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))  # noqa: E731
+    return rng.choice([
+        digits(rng.randint(2, 6)), f"{digits(2)}.{digits(2)}", f"-{digits(3)}", f"{digits(1)},{digits(3)}",
+        f"\\frac{{{digits(2)}}}{{{digits(2)}}}", f"{digits(2)}/{digits(2)}", f"{digits(2)}%", f"{digits(2)}°",
+        f"{digits(2)} cm", word(), word().capitalize(), f"{word()} {word()}", f"{digits(1)}{word()[:2]}+{digits(2)}",
+        f"x^{digits(1)}+{digits(2)}x", f"{digits(2)}\\pi", f"\\sqrt{{{digits(2)}}}", "红色", "三角形",
+    ])
+
+
+def test_property_no_answer_matches_its_split_or_merged_form():
+    """A few thousand gold answers, each with a separator inserted where it splits a token: never a match, either
+    way round, also as a choice's text; the gold itself (padded with whitespace) still matches."""
+    rng = random.Random(13)
+    checked = 0
+    for _ in range(3000):
+        gold = _gold_answers(rng)
+        assert answers_match(f" {gold}\n", gold), gold
+        cuts = [i for i in range(1, len(gold)) if (gold[i - 1].isalpha() and gold[i].isalpha())
+                or (gold[i - 1].isdigit() and (gold[i].isdigit() or gold[i] in ".,"))
+                or (gold[i - 1] == "." and gold[i].isdigit())]
+        if not cuts:
+            continue
+        i = rng.choice(cuts)
+        split = gold[:i] + rng.choice(SEPARATORS) + gold[i:]
+        assert not answers_match(split, gold), (split, gold)
+        assert not answers_match(gold, split), (gold, split)
+        assert not answers_match(split, "A", choices=[gold, "zz"]), (split, gold)
+        checked += 1
+    assert checked > 2500
 
 
 def test_reward_input_carries_choices_unit_and_precision():
