@@ -165,7 +165,9 @@ class AlgoConfig:
 class RewardConfig:
     functions: dict = _opt({"accuracy": 1.0, "format": 0.5}, help="registered reward name -> weight")
     step_alpha: float = _opt(0.1, ge=0.0, help="StepRAR's weight of the matched key-step fraction")
-    faithful_to: str = _opt("paper", choices=["paper", "code"])
+    faithful_to: str = _opt("paper", choices=["paper", "code"],
+                            help="StepRAR/StepRVR as the R1-VL paper describes them, or exactly as the authors' "
+                                 "script computes them (docs/rewards.md)")
     num_workers: int = _opt(2, ge=0, help="0 scores in-process (no timeout protection)")
     timeout_s: float = _opt(5.0, gt=0.0, help="per-response; a response past it scores 0 and is counted")
 

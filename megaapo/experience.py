@@ -76,7 +76,8 @@ def reward_inputs(rollouts, examples, reward_cfg) -> list[RewardInput]:
         ex = examples[r.group]
         # MathVerse keeps its choices inside the question text; its converter parses them into meta["choices"].
         out.append(RewardInput(response=r.text, answer=ex.answer, key_steps=ex.key_steps, alpha=reward_cfg.step_alpha,
-                               faithful_to=reward_cfg.faithful_to, choices=ex.choices or ex.meta.get("choices"),
+                               faithful_to=reward_cfg.faithful_to, solution=ex.solution,
+                               choices=ex.choices or ex.meta.get("choices"),
                                unit=ex.meta.get("unit") or "", precision=ex.meta.get("precision")))
     return out
 

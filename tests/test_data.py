@@ -34,6 +34,9 @@ def test_synth_is_deterministic_and_self_consistent(tmp_path, synth_dir):
         # the reference solution is a perfect R1-VL response: valid, correct, every key step matched
         assert step_rvr(row["solution"]) == 1.0
         assert step_rar(row["solution"], row["key_steps"], row["answer"]) == pytest.approx(1.1)
+        assert step_rvr(row["solution"], faithful_to="code") == 1.0   # and so by the authors' rules
+        assert step_rar(row["solution"], row["key_steps"], row["answer"], faithful_to="code",
+                        solution=row["solution"]) == pytest.approx(1.1)
         img = Image.open(synth_dir / row["images"][0])
         assert img.size == (112, 112) and img.getpixel((0, 0)) == (122, 116, 104)
 
@@ -60,6 +63,22 @@ def test_readers_and_converters(tmp_path, synth_dir):
     assert (r.question, r.answer, r.key_steps) == ("What is 2+1?", "3", [["2 + 1 = 3"]])  # answer from solution
     [n], _ = load_examples(tmp_path / "n.parquet", image_root=str(synth_dir))
     assert n.images == [img] and n.choices == ["1", "2"]
+
+
+def test_key_steps_layouts_are_kept_as_written():
+    """Groups as lists or bare strings, and R1-VL's {"Steps": [...]}; empty forms and groups stay for the reward
+    (the code mode counts them as the authors' script does)."""
+    from megaapo.data.dataset import from_r1vl
+    from megaapo.data.schema import RowError
+
+    base = {"image_path": "a.png", "problem": "q", "solution": "### The final answer is: 3"}
+    assert from_r1vl({**base, "key_steps": [["a", "b"], "c"]}).key_steps == [["a", "b"], ["c"]]
+    assert from_r1vl({**base, "key_steps": {"Steps": [["2 + 1 = 3"], "three"]}}).key_steps == [["2 + 1 = 3"],
+                                                                                               ["three"]]
+    assert from_r1vl({**base, "key_steps": json.dumps([[""], []])}).key_steps == [[""], []]
+    assert from_r1vl({**base, "key_steps": {"Steps": []}}).key_steps is None
+    with pytest.raises(RowError, match="Steps"):
+        from_r1vl({**base, "key_steps": 3})
 
 
 def _planted(tmp_path, synth_dir) -> Path:

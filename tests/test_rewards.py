@@ -179,7 +179,11 @@ def test_step_rar_cases():
     assert step_rar(VALID.replace("is: 3", "is: 4"), keys, "3") == pytest.approx(0.1 * k)
     no_final = VALID.split("### The final answer is")[0]
     assert step_rar(no_final, keys, "3") == 0.0
-    assert step_rar(no_final, keys, "3", faithful_to="code") == pytest.approx(0.1 * k)
+    # the code runs math-verify on the whole response: it reads the 3 of "2 + 1 = 3" and pays the answer reward
+    assert step_rar(no_final, keys, "3", faithful_to="code") == pytest.approx(1 + 0.1 * k)
+    # ... and reads "2" (of "2 red") when the sum is in words: wrong, only the key step "2 red" is paid
+    assert step_rar(no_final.replace("2 + 1 = 3", "two and one"), keys, "3", faithful_to="code") == \
+        pytest.approx(0.1 / 3)
     # matching is case-insensitive and only looks inside the Step sections
     assert step_rar(VALID.replace("2 red", "2 RED"), [["2 red"]], "3") == pytest.approx(1.1)
     assert step_rar(VALID, [["two red squares"]], "3") == pytest.approx(1.0)  # only in the description
@@ -189,7 +193,8 @@ def test_step_rar_cases():
 def test_step_rvr_rules():
     assert step_rvr(VALID) == 1.0
     assert step_rvr(VALID.replace("### Rationales:", "")) == 0.0                      # missing header
-    assert step_rvr(VALID.replace("### Let's think step by step.", "")) == 0.0
+    for mode in ("paper", "code"):   # neither the paper nor the authors' code requires the "Let's think" line
+        assert step_rvr(VALID.replace("### Let's think step by step.", ""), faithful_to=mode) == 1.0
     assert step_rvr(VALID.replace("### The final answer is: 3", "")) == 0.0
     assert step_rvr(VALID.replace("### Step 2:", "### Step 3:")) == 0.0              # misnumbered
     assert step_rvr(VALID.replace("### Step 1:", "### Step 2:", 1).replace("### Step 2: Add", "### Step 1: Add")) == 0

@@ -77,6 +77,9 @@ def detect_format(rec: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- converters
 def _key_steps(value: Any) -> Optional[list[list[str]]]:
+    """Groups of equivalent surface forms, kept as written (a bare string is a one-form group). R1-VL's own layout
+    `{"Steps": [...]}` is read too. Empty forms and groups stay: StepRAR's paper mode skips them, its code mode counts
+    them as the authors' script does (an empty form matches everything there)."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -87,15 +90,17 @@ def _key_steps(value: Any) -> Optional[list[list[str]]]:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 raise RowError("malformed_row", "key_steps is not a list of lists of strings") from None
+    if isinstance(value, dict):
+        value = value.get("Steps", [])
     if not isinstance(value, (list, tuple)):
-        raise RowError("malformed_row", "key_steps is not a list")
+        raise RowError("malformed_row", "key_steps is not a list (or R1-VL's {\"Steps\": [...]})")
     groups = []
     for g in value:
         forms = [g] if isinstance(g, str) else g
         if not isinstance(forms, (list, tuple)) or not all(isinstance(f, str) for f in forms):
             raise RowError("malformed_row", "key_steps is not a list of lists of strings")
-        groups.append([f for f in forms if f.strip()])
-    return [g for g in groups if g] or None
+        groups.append(list(forms))
+    return groups or None
 
 
 def from_megaapo(rec: dict) -> Example:
