@@ -3,8 +3,9 @@
     python benchmarks/rewards.py [--n 2000] [--workers 2]
 
 Responses are distinct (no cache hits): R1-style answers checked by math-verify (numbers, fractions, LaTeX,
-letters, wrong answers) and R1-VL step responses scored by StepRAR + StepRVR. Prints a table; the pool's ratio
-against in-process scoring is measured in the same run.
+letters, wrong answers) and R1-VL step responses scored by StepRAR + StepRVR, as the paper reads them and as R1-VL's
+script does (`faithful_to=code`: math-verify on the whole response). Prints a table; the pool's ratio against
+in-process scoring is measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def make_inputs(n: int, seed: int = 0) -> tuple[list[RewardInput], list[RewardIn
     return r1, steps
 
 
-def bench(functions: dict, inputs: list[RewardInput], workers: int) -> float:
+def bench(functions: dict, inputs: list[RewardInput], workers: int, faithful_to: str = "paper") -> float:
     answers._parse.cache_clear()  # every configuration starts with a cold parse cache, as the workers do
-    with RewardScorer(functions, num_workers=workers, timeout_s=10) as scorer:
+    with RewardScorer(functions, num_workers=workers, timeout_s=10, faithful_to=faithful_to) as scorer:
         scorer.score(inputs[:8])  # warm the workers (imports, first parse)
         t0 = time.perf_counter()
         batch = scorer.score(inputs)
@@ -53,10 +54,12 @@ def main() -> None:
     args = ap.parse_args()
     r1, steps = make_inputs(args.n)
     rows = []
-    for name, fns, data in (("accuracy+format (math-verify)", {"accuracy": 1.0, "format": 0.5}, r1),
-                            ("step_rar+step_rvr", {"step_rar": 1.0, "step_rvr": 1.0}, steps)):
-        base = bench(fns, data, 0)
-        pool = bench(fns, [RewardInput(x.response + " ", x.answer, x.key_steps) for x in data], args.workers)
+    step_fns = {"step_rar": 1.0, "step_rvr": 1.0}
+    for name, fns, data, mode in (("accuracy+format (math-verify)", {"accuracy": 1.0, "format": 0.5}, r1, "paper"),
+                                  ("step_rar+step_rvr", step_fns, steps, "paper"),
+                                  ("step_rar+step_rvr, faithful_to=code", step_fns, steps, "code")):
+        base = bench(fns, data, 0, mode)
+        pool = bench(fns, [RewardInput(x.response + " ", x.answer, x.key_steps) for x in data], args.workers, mode)
         rows.append((name, base, pool))
     print(f"reward scoring, {args.n} distinct responses, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
           f"{date.today()}")

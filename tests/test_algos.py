@@ -65,6 +65,38 @@ def test_apo_faithful_to_code_differs_only_on_positive_advantage_negatives():
     assert paper.kl_weight[0] == code.kl_weight[0]
 
 
+def test_apo_faithful_to_code_on_a_correct_unformatted_answer_with_negative_advantage():
+    """The second case where sign and correctness disagree (shared ALGORITHMS.md): a correct but unformatted answer
+    (r = 1.0) in a group of mostly 1.5 gets A < 0. Paper: a positive, DADS weight f(d) at d = 1 - 7/8; code: not a
+    positive (A <= 0), weight 1. STCR leaves it alone in both (it is correct). Values as in docs/rewards.md."""
+    r, correct, lengths, idx = _group([1.0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 0.0], [1, 1, 1, 1, 1, 1, 1, 0],
+                                      [200] * 7 + [1200])
+    adv = compute_advantages("grpo", r, idx, eps=1e-9)
+    assert adv[0] < 0
+    paper = apo_shaping(correct, lengths, adv, idx, faithful_to="paper")
+    code = apo_shaping(correct, lengths, adv, idx, faithful_to="code")
+    f = 1 - math.exp(-math.e * 7 / 8)   # 1 - d = 7/8
+    assert f == pytest.approx(0.907, abs=5e-4)
+    assert paper.kl_weight[0].item() == pytest.approx(f, abs=1e-6) and code.kl_weight[0].item() == 1.0
+    assert paper.kl_weight[1:7].tolist() == code.kl_weight[1:7].tolist() == pytest.approx([f] * 6, abs=1e-6)
+    assert paper.adv_multiplier[0].item() == code.adv_multiplier[0].item() == 1.0
+    # the wrong, 1000-tokens-longer response has A < 0: amplified in both modes, x(2 - 1.00001**-1000) = x1.00995
+    assert paper.adv_multiplier[7].item() == code.adv_multiplier[7].item() == pytest.approx(1.00995, abs=1e-5)
+
+
+def test_apo_docs_row_for_a_wrong_formatted_answer_with_positive_advantage():
+    """docs/rewards.md's numbers for the first case: r = 0.5 among 1.5 and six 0s, 1000 tokens longer than the
+    correct answer: paper KL weight 1 and no STCR; code KL weight f(1 - 1/8) = 0.288 and STCR x1.00995."""
+    r, correct, lengths, idx = _group([1.5, 0.5, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
+                                      [200, 1200] + [200] * 6)
+    adv = compute_advantages("grpo", r, idx, eps=1e-9)
+    paper = apo_shaping(correct, lengths, adv, idx, faithful_to="paper")
+    code = apo_shaping(correct, lengths, adv, idx, faithful_to="code")
+    assert (paper.kl_weight[1].item(), paper.adv_multiplier[1].item()) == (1.0, 1.0)
+    assert code.kl_weight[1].item() == pytest.approx(0.288, abs=5e-4)
+    assert code.adv_multiplier[1].item() == pytest.approx(1.00995, abs=1e-5)
+
+
 def test_stcr_is_one_for_positives_and_no_correct_groups():
     r, correct, lengths, idx = _group([1.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [100, 200, 50, 300])
     adv = compute_advantages("grpo", r, idx, eps=1e-9)
