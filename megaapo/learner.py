@@ -10,7 +10,8 @@ Data parallelism: every rank is handed the whole batch; each data-parallel repli
 batch's. Forward-only log-probs are shared back over the DP group.
 
 One training step, in order:
-  1. take this replica's share of the samples; pack it into micro-batches by token budget (megaapo.data.packing)
+  1. take this replica's share of the samples; pack it into micro-batches by token budget (megaapo.data.packing;
+     a packed row's sample boundaries reach the attention as megatron's PackedSeqParams)
   2. forward/backward every micro-batch through megatron's schedule (1F1B for PP > 1); the loss of a micro-batch is
      the caller's `loss_fn` applied to its response log-probs, already normalised by the global batch, so gradients
      simply add up; on GPU a loss_fn with a fused form (`megaapo.experience.RLLoss`) runs as one
@@ -112,11 +113,12 @@ class Learner:
 
         def step(data_iter, model):
             mb = next(data_iter)
-            mask = mb.attention_mask.to(dev) if mb.attention_mask is not None else None
+            packed = self.model.packed_seq_params(mb.cu_seqlens, mb.max_seqlen, dev) \
+                if mb.cu_seqlens is not None else None
             pix = mb.pixel_values.to(dev) if mb.pixel_values is not None else None
             grid = mb.image_grid_thw.to(dev) if mb.image_grid_thw is not None else None
             img = mb.image_mask.to(dev) if mb.image_mask is not None else None
-            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask, pix, grid, img, mb.feature_index)
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), packed, pix, grid, img, mb.feature_index)
             return out, partial(loss_of, mb)
 
         fb = get_forward_backward_func(pp_size=self.groups.pp_size)

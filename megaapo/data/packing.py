@@ -2,12 +2,13 @@
 
 A `Sample` is one prompt + response as token ids, with its images already turned into patches (the processor runs
 once, at rollout time). `pack` forms micro-batches of at most `token_budget` tokens in one of two ways:
-- packed (`packing=True`): several samples share one row (first-fit decreasing), with a block-diagonal causal mask
-  so no token attends across samples, and per-sample mrope positions that restart at 0. No padding, but attention
-  without a variable-length kernel costs row_length^2.
+- packed (`packing=True`, the default): several samples share one row (first-fit decreasing); the row carries its
+  samples' boundaries (`cu_seqlens`), so attention runs per sample through a variable-length kernel
+  (megaapo.models.qwen2_5_vl.attention) and no token attends across samples; mrope positions are each sample's own
+  (restarting at 0). No padding and nothing of size row_length^2.
 - padded (`packing=False`): samples of similar length are stacked as rows [b, S], right-padded. Plain causal
-  attention is then exact (a real token never attends to the padding after it), so SDPA's fused causal kernels
-  apply; the budget counts the padding (b * S).
+  attention is then exact (a real token never attends to the padding after it); the budget counts the padding
+  (b * S), and so does every layer's compute.
 A sample longer than the budget gets a micro-batch of its own. Called by `megaapo.learner`.
 """
 
@@ -40,7 +41,8 @@ class MicroBatch:
     labels: torch.Tensor                         # [b, T] next token at each position (0 where none)
     response_spans: list[tuple[int, int]]        # per sample: flat positions [a, b) (row * T + t) whose next token
                                                  # is a response token
-    attention_mask: torch.Tensor | None = None   # [1, 1, T, T] True = masked; None = plain causal
+    cu_seqlens: torch.Tensor | None = None       # packed row: [n + 1] int32 sample boundaries; None = causal rows
+    max_seqlen: int = 0                          # longest sample of a packed row
     image_mask: torch.Tensor | None = None       # [b, T] positions that take image features (prompt image pads)
     pixel_values: torch.Tensor | None = None     # each distinct image once (samples of a group share theirs)
     image_grid_thw: torch.Tensor | None = None
@@ -128,25 +130,22 @@ def collate(samples: list[Sample], rows: list[int]) -> MicroBatch:
     pos = torch.cat([s.position_ids for s in parts], 1)
     labels = torch.zeros_like(ids)
     in_prompt = torch.zeros(ids.shape[0], dtype=torch.bool)
-    spans, seg, start = [], [], 0
-    for k, s in enumerate(parts):
+    spans, bounds, start = [], [0], 0
+    for s in parts:
         n = s.input_ids.shape[0]
         labels[start:start + n - 1] = s.input_ids[1:]
         spans.append((start + s.prompt_len - 1, start + n - 1))
-        seg.append(torch.full((n,), k))
         in_prompt[start:start + s.prompt_len] = True
         start += n
-    mask = None
-    if len(parts) > 1:
-        seg_ids = torch.cat(seg)
-        causal = torch.ones(start, start, dtype=torch.bool).tril()
-        mask = ~(causal & (seg_ids[:, None] == seg_ids[None, :]))
-        mask = mask[None, None]
+        bounds.append(start)
+    # A row of one sample is plain causal attention (SDPA's own causal kernel); boundaries only for several.
+    cu = torch.tensor(bounds, dtype=torch.int32) if len(parts) > 1 else None
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     pix, grids, index = _images(parts)
     # Image features go to the prompts' image pads only; an image-pad id sampled in a response is a token.
     image_mask = (in_prompt & (ids == parts[0].image_token_id))[None] if pix is not None else None
     return MicroBatch(rows=list(rows), input_ids=ids[None], position_ids=pos[:, None], labels=labels[None],
-                      response_spans=spans, attention_mask=mask, image_mask=image_mask,
+                      response_spans=spans, cu_seqlens=cu, max_seqlen=longest, image_mask=image_mask,
                       pixel_values=pix, feature_index=index,
                       image_grid_thw=grids, num_tokens=start)
 

@@ -113,7 +113,8 @@ def transformer_config(hf_cfg, *, dtype: str = "float32", recompute: str = "none
         pipeline_dtype=params_dtype, variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",  # (no MoE)
         # Weights always come from a checkpoint: skip random init, allocate where the model will live.
         perform_initialization=False, use_cpu_initialization=not gpu,
-        # The fused CUDA paths are unavailable on CPU; on GPU they are what makes megatron fast.
+        # The fused CUDA paths are unavailable on CPU; on GPU they are what makes megatron fast. Not the rope: TE's
+        # fused THD rope would index the rotary table from 0 in every packed sample, wrong for per-token mrope.
         bias_activation_fusion=gpu, bias_dropout_fusion=gpu, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
@@ -131,7 +132,9 @@ def rotary_base(hf_cfg) -> float:
 
 
 def layer_spec(attention: str = "sdpa"):
-    """megatron-core's local GPT layer spec with our SDPA core attention ("te" when Transformer Engine is present)."""
+    """megatron-core's local GPT layer spec with our core attention (megaapo.models.qwen2_5_vl.attention): "sdpa"
+    (torch's kernels), "flash" (packed rows through the flash-attn package), or "te": Transformer Engine's spec,
+    whose attention takes packed rows in its THD layout."""
     if attention == "te":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -140,8 +143,15 @@ def layer_spec(attention: str = "sdpa"):
             raise CheckpointError(f"model.attention=te needs Transformer Engine: {e}") from e
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from .attention import SDPAttention
+    from .attention import FlashAttnVarlen, SDPAttention
 
+    if attention == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise CheckpointError("model.attention=flash needs the flash-attn package; model.attention=sdpa runs "
+                                  f"torch's own FlashAttention varlen kernel for packed rows ({e})") from e
     spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attention.submodules.core_attention = FlashAttnVarlen if attention == "flash" \
+        else SDPAttention
     return spec

@@ -30,6 +30,7 @@ class Qwen25VLModel(nn.Module):
         self.model_type = ModelType.encoder_or_decoder   # read by megatron's pipeline schedules
 
         self.shape = lm_shape(hf_cfg)
+        self.attention = attention
         self.config = transformer_config(hf_cfg, dtype=dtype, recompute=recompute, tp=groups.tp_size,
                                          pp=groups.pp_size)
         self.pre_process, self.post_process = groups.first_stage, groups.last_stage
@@ -96,10 +97,18 @@ class Qwen25VLModel(nn.Module):
         emb = emb.masked_scatter(image_mask.unsqueeze(-1), feats.to(emb.dtype))
         return emb.transpose(0, 1).contiguous()
 
-    def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+    def packed_seq_params(self, cu_seqlens: torch.Tensor, max_seqlen: int, device):
+        """The PackedSeqParams of a packed row in this model's attention layout (attention.packed_seq_params)."""
+        from .attention import packed_seq_params
+
+        return packed_seq_params(cu_seqlens, max_seqlen, self.attention, device)
+
+    def forward(self, input_ids, position_ids, packed_seq_params=None, pixel_values=None, image_grid_thw=None,
                 image_mask=None, feature_index=None):
-        """input_ids [b, s], position_ids [3, b, s], attention_mask [b, 1, s, s] (True = masked) or None (causal)."""
+        """input_ids [b, s], position_ids [3, b, s] (each sample's own positions); packed_seq_params: the sample
+        boundaries of a packed row (b = 1), None for causal rows."""
         hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_mask, feature_index) \
             if self.pre_process else None
         rotary = self.lm.rotary_pos_emb(position_ids, self.lm.mrope_section)
-        return self.lm.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        return self.lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
+                               packed_seq_params=packed_seq_params)
