@@ -11,6 +11,7 @@
     megaapo convert hf-to-mcore SRC DST --tp T --pp P   shard an HF checkpoint for the learner
     megaapo convert mcore-to-hf SRC DST                 gather a sharded checkpoint back to HF (bit-exact)
     megaapo check parity --hf DIR --tp T --pp P         learner vs transformers: logits, log-probs, gradients
+    megaapo check parity --hf DIR --packed              the same with the batch packed into one row
 
 User mistakes (bad config keys, missing files, unusable data) end with one clear message and exit code 2.
 """
@@ -130,8 +131,9 @@ def cmd_check_parity(args: argparse.Namespace) -> int:
 
     from megaapo.parity import check
 
-    res = check(args.hf, tp=args.tp, pp=args.pp)
-    table = Table(title=f"megatron-core learner vs transformers, tp={args.tp} pp={args.pp} (fp32)")
+    res = check(args.hf, tp=args.tp, pp=args.pp, packed=args.packed)
+    layout = "one packed row" if args.packed else "one sample per micro-batch"
+    table = Table(title=f"megatron-core learner vs transformers, tp={args.tp} pp={args.pp}, {layout} (fp32)")
     for col in ("quantity", "max relative error", f"within {args.tol:g}"):
         table.add_column(col)
     ok = True
@@ -307,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tp", type=int, default=1)
     par.add_argument("--pp", type=int, default=1)
     par.add_argument("--tol", type=float, default=1e-4, help="max relative error accepted")
+    par.add_argument("--packed", action="store_true", help="the learner packs the batch into one row")
     par.set_defaults(fn=cmd_check_parity)
     return p
 

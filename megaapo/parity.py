@@ -70,8 +70,10 @@ def _hf_name(module_name: str) -> str:
     return module_name
 
 
-def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: int, out_dir: str) -> None:
-    """One learner rank: logits, log-probs and gradients of its shard, written to out_dir/rank{rank}.pt."""
+def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: int, out_dir: str,
+                   packed: bool = False) -> None:
+    """One learner rank: logits, log-probs and gradients of its shard, written to out_dir/rank{rank}.pt.
+    packed: both samples in one packed row (variable-length attention) instead of one micro-batch each."""
     from megaapo.distributed import set_rank_env
 
     set_rank_env(rank, world, port)
@@ -99,12 +101,16 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
             parts = [torch.empty_like(logits) for _ in range(groups.tp_size)]
             dist.all_gather(parts, logits.contiguous(), group=groups.tp)
             logits = torch.cat(parts, -1)
-        res["logits"][mb.rows[0]] = logits
-        res["logp"][mb.rows[0]] = lp[0][mask[0]].detach()
+        bounds = mb.cu_seqlens.tolist() if mb.cu_seqlens is not None else [0, logits.shape[0]]
+        for i, r in enumerate(mb.rows):
+            res["logits"][r] = logits[bounds[i]:bounds[i + 1]]
+            res["logp"][r] = lp[i][mask[i]].detach()
         return -(lp * mask).sum() / total, torch.tensor(1), {}
 
     from megaapo.data.packing import pack
-    learner._run(pack(samples, 1, packing=False), loss_of, forward_only=False)   # one sample per micro-batch
+    mbs = pack(samples, 10**9, packing=True) if packed else pack(samples, 1, packing=False)
+    assert len(mbs) == (1 if packed else len(samples))
+    learner._run(mbs, loss_of, forward_only=False)
     learner.optim.finish_grads()
     grads = {}
     for key, p in learner.model.named_parameters():
@@ -121,13 +127,13 @@ def learner_worker(rank: int, world: int, port: int, hf_path: str, tp: int, pp: 
     destroy()
 
 
-def run_learner(hf_path, tp: int, pp: int) -> dict:
+def run_learner(hf_path, tp: int, pp: int, packed: bool = False) -> dict:
     """Start tp x pp learner processes and merge what they computed."""
     from megaapo.distributed import spawn
 
     world = tp * pp
     with tempfile.TemporaryDirectory() as tmp:
-        spawn(learner_worker, world, str(hf_path), tp, pp, tmp)
+        spawn(learner_worker, world, str(hf_path), tp, pp, tmp, packed)
         merged: dict = {"grads": {}}
         for r in range(world):
             part = torch.load(Path(tmp) / f"rank{r}.pt")
@@ -155,8 +161,10 @@ def compare(got: dict, ref: dict) -> dict:
     return out
 
 
-def check(hf_path, tp: int = 1, pp: int = 1) -> dict:
+def check(hf_path, tp: int = 1, pp: int = 1, packed: bool = False) -> dict:
+    """packed: the learner runs the batch as one packed row (each sample attends to itself only; HF runs each
+    sample alone either way)."""
     batch = parity_batch(hf_path)
     ref = hf_reference(hf_path, batch)
-    got = run_learner(hf_path, tp, pp)
+    got = run_learner(hf_path, tp, pp, packed)
     return compare(got, ref)

@@ -39,11 +39,15 @@ def test_mrope_positions_match_transformers(tiny_model):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parity_with_transformers(tiny_model, tp, pp):
+@pytest.mark.parametrize("tp,pp,packed", [(2, 1, False), (1, 2, False), (2, 2, False),
+                                          pytest.param(2, 1, True, marks=pytest.mark.slow)])
+def test_parity_with_transformers(tiny_model, tp, pp, packed):
+    """packed: both samples in one packed row (variable-length attention), forward and gradients vs transformers'
+    one sample at a time. (TP=1: packed equals padded, test_packed_gradients_equal_padded; padded equals
+    transformers, test_check_parity_cli.)"""
     from megaapo.parity import check
 
-    res = check(tiny_model, tp=tp, pp=pp)
+    res = check(tiny_model, tp=tp, pp=pp, packed=packed)
     assert res["n_grads"] == 57
     assert res["logits"] <= TOL and res["logp"] <= TOL, res
     assert res["grads"] <= TOL, res
@@ -106,6 +110,95 @@ def test_packed_and_padded_batches_equal_unbatched(learner, tiny_model):
                                (False, 2 * longest, 2)]:
         for a, b in zip(alone, run(packing, budget, n)):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5), (packing, budget)
+
+
+def _grads_of_one_step(learner, samples, packing):
+    """param.grad of one update from the current weights (weights and Adam state are put back afterwards)."""
+    start = {k: v.detach().clone() for k, v in learner.model.state_dict().items() if not k.endswith("_extra_state")}
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:len(samples)]
+    total = sum(s.response_len for s in samples)
+
+    def loss_fn(logp, entropy, mask, rows):
+        loss = -(adv[rows].unsqueeze(1) * logp * mask).sum() / total
+        return loss, {"loss": loss.detach()}
+
+    par = learner.parallel
+    saved = par.sequence_packing, par.micro_batch_tokens
+    par.sequence_packing, par.micro_batch_tokens = packing, 10**9
+    try:
+        res = learner.train_step(samples, loss_fn)
+        grads = {k: p.grad.clone() for k, p in learner.model.named_parameters() if p.grad is not None}
+    finally:
+        par.sequence_packing, par.micro_batch_tokens = saved
+        learner.load_model_tensors(start)
+        learner.reset_optimizer_state()
+    assert res.num_microbatches == 1
+    return grads
+
+
+def test_packed_gradients_equal_padded(learner, tiny_model):
+    """One update over four samples (images of two sizes, different lengths) as one packed row and as one
+    right-padded [4, S] batch: the same gradient for every parameter, vision tower included."""
+    samples = _samples(learner, tiny_model, 2)
+    packed, padded = (_grads_of_one_step(learner, samples, p) for p in (True, False))
+    assert packed.keys() == padded.keys() and len(packed) == 47   # every parameter
+    for k in packed:
+        scale = float(padded[k].abs().max())
+        assert float((packed[k] - padded[k]).abs().max()) <= 1e-5 * max(scale, 1e-6), k
+
+
+def test_packed_step_makes_no_tensor_with_two_sequence_dims(learner):
+    """Every tensor made during a packed micro-batch's forward and backward (traced with a TorchDispatchMode) has at
+    most one dimension that is a sequence length, of the row (T = 161) or of a sample: no [T, T] mask or scores,
+    no per-sample [L, L] either (the CPU kernel is fused too). On GPU the attention op is torch's varlen kernel
+    instead (tests/test_attention.py traces that one with fake CUDA tensors); every other op is this one."""
+    from test_attention import ShapeLog, two_sequence_dims
+
+    lengths = [37, 53, 71]
+    g = torch.Generator().manual_seed(0)
+    samples = [learner.make_sample(torch.randint(0, 600, (n,), generator=g), n - 9) for n in lengths]
+    with ShapeLog() as log:
+        grads = _grads_of_one_step(learner, samples, True)
+    T = sum(lengths)
+    assert grads and any(T in shape for _, shape in log.ops)          # the packed row was traced
+    assert any(op.startswith("aten._scaled_dot_product_flash") for op, _ in log.ops)
+    assert not two_sequence_dims(log.ops, {T, *lengths})
+
+
+def test_te_thd_layout_keeps_each_samples_positions(learner, tiny_model):
+    """The THD layout Transformer Engine gets (megatron squeezes q/k/v to [t, h, d] and applies the rotary
+    embedding per sample through cu_seqlens) gives the unbatched log-probs: each packed sample keeps its own mrope
+    positions. Run here with our kernel in TE's place (TE does not install on CPU)."""
+    samples = _samples(learner, tiny_model, 2)
+    par = learner.parallel
+    saved = par.sequence_packing, par.micro_batch_tokens
+    try:
+        par.sequence_packing, par.micro_batch_tokens = False, 1
+        alone = learner.logprobs(samples)
+        par.sequence_packing, par.micro_batch_tokens = True, 10**9
+        learner.model.attention = "te"   # PackedSeqParams in THD
+        thd = learner.logprobs(samples)
+    finally:
+        learner.model.attention = "sdpa"
+        par.sequence_packing, par.micro_batch_tokens = saved
+    for a, b in zip(alone, thd):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_packed_row_carries_sample_boundaries_and_own_positions(learner, tiny_model):
+    """A packed row: cu_seqlens at the sample boundaries, each sample's mrope positions as computed for it alone
+    (restarting at 0, image grids included), no mask; a row of one sample is plain causal."""
+    from megaapo.data.packing import collate
+
+    samples = _samples(learner, tiny_model)
+    mb = collate(samples, [0, 1])
+    n0, n1 = (len(s.input_ids) for s in samples)
+    assert mb.cu_seqlens.tolist() == [0, n0, n0 + n1] and mb.cu_seqlens.dtype == torch.int32
+    assert mb.max_seqlen == max(n0, n1) and mb.input_ids.shape == (1, n0 + n1)
+    assert torch.equal(mb.position_ids[:, 0, :n0], samples[0].position_ids)
+    assert torch.equal(mb.position_ids[:, 0, n0:], samples[1].position_ids)
+    assert int(mb.position_ids[:, 0, n0].max()) == 0
+    assert collate(samples, [1]).cu_seqlens is None
 
 
 def test_metrics_do_not_depend_on_micro_batching(learner, tiny_model):
