@@ -195,8 +195,8 @@ class ParallelConfig:
     tp: int = _opt(1, ge=1)
     pp: int = _opt(1, ge=1)
     micro_batch_tokens: int = _opt(8192, ge=1, help="token budget of one micro-batch (padding included)")
-    sequence_packing: bool = _opt(False, help="several samples per row with a block-diagonal mask; off: right-padded "
-                                              "rows with plain causal attention (faster with SDPA, no varlen kernel)")
+    sequence_packing: bool = _opt(True, help="several samples per row, attention per sample by a variable-length "
+                                             "kernel (no padding); off: right-padded rows of similar length")
     backend: str = _opt("auto", choices=["auto", "nccl", "gloo"])
 
 
