@@ -94,3 +94,23 @@ def test_train_dry_run_prepares_model_and_data(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "megaapo.cli", "train", "grpo", "model.path=/no/such/model",
                               f"trainer.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "model.path='/no/such/model' has no config.json" in missing.stderr
+
+
+def test_one_megatron_core_version_for_every_supported_python():
+    """Every Python the package admits resolves the megatron-core the tests run (a split pin once gave Python 3.12,
+    the GPU images' Python, a release no test had run)."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    supported = SpecifierSet(project["requires-python"])
+    pythons = [f"3.{m}" for m in range(8, 16) if f"3.{m}.0" in supported]
+    assert pythons == ["3.10", "3.11", "3.12"]
+    pins = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "megatron-core"]
+    for py in pythons:
+        chosen = [str(r.specifier) for r in pins if r.marker is None or r.marker.evaluate({"python_version": py})]
+        assert chosen == [f"=={version('megatron-core')}"], (py, chosen)
