@@ -4,11 +4,12 @@
 
 1. A 1 GB set of Qwen2.5-VL-3B-shaped bf16 tensors (vision blocks, then language-model layers, in HF order and
    names; embeddings left out: a 0.6 GB solo tensor would hide the bucketing) is broadcast from this process to
-   one receiver process over the same sync group the trainer uses (gloo on CPU, NCCL on GPU), (a) with
-   `WeightSender` in buckets, received by the engine worker's own bucket stream, and (b) as one broadcast of a
-   single flat buffer of the same bytes. Each time runs until the receiver acknowledges. Ratio target <= 1.25.
-2. A real engine on the CPU demo's tiny model (configs/demo.yaml): start time, then generation throughput at
-   the demo's settings
+   one receiver process over the same sync group the trainer uses (gloo on CPU; NCCL on CUDA, which needs two
+   GPUs, one per rank), (a) with `WeightSender` in buckets, received by the engine worker's own bucket stream,
+   and (b) as one broadcast of a single flat buffer of the same bytes. Each time runs until the receiver
+   acknowledges. Ratio target <= 1.25.
+2. A real engine on the CPU demo's tiny model (configs/demo.yaml; on CUDA on a GPU of its own, placed as the
+   trainer places its engines): start time, then generation throughput at the demo's settings
    (16 prompts x 8 samples x 12 new tokens, 84x84 images) and with 64 forced tokens per sample.
 With --write-docs the tables replace the measured section of docs/rollout.md (with device and date).
 """
@@ -70,10 +71,21 @@ def qwen3b_specs(limit_bytes: int) -> list[TensorSpec]:
     return specs
 
 
+def rank_device(rank: int, cuda_devices: int) -> torch.device:
+    """One device per rank of the sync group: NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so on
+    CUDA the benchmark needs two GPUs (sender on cuda:0, receiver on cuda:1); without CUDA both ranks run on CPU."""
+    if cuda_devices == 0:
+        return torch.device("cpu")
+    if cuda_devices < 2:
+        raise SystemExit(f"benchmarks/sync.py needs two GPUs on CUDA (one per rank of the NCCL sync group); this "
+                         f"machine shows {cuda_devices}. Run it on a 2-GPU machine, or on CPU (CUDA_VISIBLE_DEVICES=)")
+    return torch.device("cuda", rank)
+
+
 def _group(rank: int, port: int, listen=None):
     from megaapo.rollout.group import SyncGroup
 
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = rank_device(rank, torch.cuda.device_count())
     return SyncGroup("127.0.0.1", port, rank, 2, device, timeout_s=600, listen_socket=listen)
 
 
@@ -242,6 +254,7 @@ def main() -> None:
     if args.role == "receiver":
         receiver(args.port, args.gb, buckets_mb, args.reps)
         return
+    rank_device(0, torch.cuda.device_count())   # says so before anything starts if it lacks a second GPU
     rows = bench_broadcast(args.gb, buckets_mb, args.reps)
     eng = None
     if not args.skip_engine:

@@ -3,7 +3,9 @@
 #   launch/torchrun.sh CONFIG [section.key=value ...]
 # One node: NPROC_PER_NODE processes (default: one per GPU, or 2 on CPU). Several nodes: run it on every trainer node
 # with the same NNODES, RDZV_ENDPOINT=<head node>:<port> and RDZV_ID (launch/slurm.sbatch does this for SLURM).
-# Rollout engines: started by the trainer itself unless the config lists running ones in rollout.addresses.
+# Rollout engines: started by the trainer itself unless the config lists running ones in rollout.addresses; on GPUs
+# they need GPUs of their own on the first node, so leave some there (NPROC_PER_NODE below the GPU count; see
+# docs/rollout.md, "Placement"), or run colocated on one GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -166,7 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.trainer.dry_run:
         from megaapo.models.qwen2_5_vl.config import check_layout, lm_shape, load_hf_config
 
+        from megaapo.run import plan_run
+
         check_layout(lm_shape(load_hf_config(inputs.model_path)), cfg.parallel.tp, cfg.parallel.pp)
+        print(f"placement: {plan_run(cfg).describe()}")
         print(f"dry run: config, model, data and the tp={cfg.parallel.tp} x pp={cfg.parallel.pp} layout are valid; "
               "nothing trained")
         return 0

@@ -121,6 +121,9 @@ class RolloutConfig:
     addresses: list = _opt([], help="running engines (tcp://host:port, one per engine; see megaapo.rollout.server); "
                                     "empty: the trainer starts num_engines engines itself")
     sync_host: str = _opt("", help="address engines use to reach the trainer's weight-sync rank; empty: automatic")
+    engine_gpus: list = _opt([], help="GPUs (as CUDA_VISIBLE_DEVICES names them) for the engines the trainer "
+                                      "starts, num_engines x tensor_parallel_size of them in engine order; empty: the "
+                                      "node's GPUs after the trainer processes' (docs/rollout.md, Placement)")
 
 
 # ---------------------------------------------------------------------------------------------------------- algo
@@ -446,8 +449,8 @@ def _validate_cross(cfg: MegaapoConfig) -> None:
     if cfg.eval.k > 1 and cfg.eval.temperature <= 0:
         raise ConfigError(f"eval.k={cfg.eval.k} samples per prompt need eval.temperature > 0 (0 is greedy: k copies "
                           "of one answer)")
-    if cfg.rollout.mode == "colocated" and cfg.trainer.device == "cpu":
-        raise ConfigError("rollout.mode=colocated needs GPUs (vLLM sleep mode); use rollout.mode=disaggregated on CPU")
+    if cfg.rollout.mode == "colocated":
+        _validate_colocated(cfg)
     t = cfg.model.tiny
     if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads or (t.hidden_size // t.num_heads) % 8:
         raise ConfigError(f"model.tiny: hidden_size={t.hidden_size} must split into num_heads={t.num_heads} heads of "
@@ -461,6 +464,27 @@ def _validate_cross(cfg: MegaapoConfig) -> None:
     for level in cfg.data.synth.levels:
         if level not in (1, 2, 3):
             raise ConfigError(f"data.synth.levels: {level!r} is not one of 1, 2, 3")
+
+
+def _validate_colocated(cfg: MegaapoConfig) -> None:
+    """Colocated mode is one vLLM engine inside one trainer process. vLLM built inside a torch.distributed world
+    sets up its groups over every rank of it, so an engine on one rank of several would wait for the others; an
+    engine per rank would need vLLM's external launcher, which megaapo does not run. The number of data-parallel
+    processes is known only at launch: `megaapo.rollout.placement.plan` refuses more than one there."""
+    r, p = cfg.rollout, cfg.parallel
+    if cfg.trainer.device == "cpu":
+        raise ConfigError("rollout.mode=colocated needs GPUs (vLLM sleep mode); use rollout.mode=disaggregated on CPU")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"rollout.mode=colocated runs one vLLM engine inside a single trainer process, but "
+                          f"parallel.tp={p.tp} x parallel.pp={p.pp} needs {p.tp * p.pp} trainer processes (an engine "
+                          "per rank, vLLM's external launcher, is not supported); use rollout.mode=disaggregated")
+    if r.num_engines != 1 or r.tensor_parallel_size != 1:
+        raise ConfigError(f"rollout.mode=colocated supports one engine with tensor_parallel_size=1 (it lives in the "
+                          f"trainer process), not rollout.num_engines={r.num_engines} x rollout.tensor_parallel_size="
+                          f"{r.tensor_parallel_size}; use rollout.mode=disaggregated for more")
+    if r.addresses or r.engine_gpus:
+        raise ConfigError("rollout.mode=colocated runs its engine in the trainer process on the trainer's GPU: "
+                          "rollout.addresses and rollout.engine_gpus are for rollout.mode=disaggregated")
 
 
 def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ class Run:
     def __init__(self, cfg, job: str = "rl"):
         assert job in ("rl", "sft"), job
         self.cfg, self.job = cfg, job
+        self.placement = plan_run(cfg)   # before anything starts: a layout that cannot work stops here
         self.engines = self.scorer = self.reference = None
         self._heldout = None   # SFT's held-out samples, built at the first evaluation
         self._closers: list = []
@@ -89,9 +91,16 @@ class Run:
             self.dry = True
             return
         self.dry = False
+        # SFT generates only to evaluate (greedy held-out outputs); RL always needs its engines.
+        job_is_rl = self.job == "rl"
+        self.generates = job_is_rl or (cfg.sft.eval_generate and bool(self.eval))
+        if self.rank0 and self.generates:
+            # Before the learners: a colocated vLLM starts only if its share of the GPU is free (docs/rollout.md);
+            # it then sleeps, and the learners are built in the memory it gave back.
+            self._start_engines()
+            self.engines.sleep()
         self.policy = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, cfg.optim,
                               total_steps=cfg.trainer.total_steps)
-        job_is_rl = self.job == "rl"
         if job_is_rl and cfg.algo.kl_coef > 0:
             self.reference = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, None)
         self.stream = PromptStream(len(self.train), d.seed, d.shuffle)
@@ -104,10 +113,6 @@ class Run:
                                kind=self.job)
         self.state.run_id = self.metrics.run_id
         self.stop = None
-        # SFT generates only to evaluate (greedy held-out outputs); RL always needs its engines.
-        self.generates = job_is_rl or (cfg.sft.eval_generate and bool(self.eval))
-        if self.rank0 and self.generates:
-            self._start_engines()
         if job_is_rl and not resumed and cfg.trainer.sft_warmup_steps:
             self.warmup()
             if self.reference is not None:
@@ -129,9 +134,11 @@ class Run:
 
         cfg = self.cfg
         self._engines_t0 = time.perf_counter()
-        # The engines load (import vLLM, build the model) while this process does the warm-up: `_engines_ready`.
+        # The engine processes load (import vLLM, build the model) while this process builds its learners and
+        # does the warm-up: `_engines_ready`. A colocated engine is built here, in this process, before them.
         self.engines = make_rollout(cfg.rollout, self.model_path, cfg.model.dtype, min_pixels=cfg.data.min_pixels,
-                                    max_pixels=cfg.data.max_pixels, log_dir=self.run_dir / "engines", wait=False)
+                                    max_pixels=cfg.data.max_pixels, log_dir=self.run_dir / "engines", wait=False,
+                                    placement=self.placement)
         self._closers.append(self.engines.shutdown)
         from megaapo.evaluate import eval_rewards
 
@@ -209,6 +216,8 @@ class Run:
             return row
         res = evaluate(self.engines, self.eval, self.builder, self.scorer, self.cfg.reward,
                        max_new_tokens=self.cfg.rollout.max_new_tokens)
+        if self.job == "sft":   # SFT's next steps are the learner's (RL's next step generates first)
+            self.engines.sleep()
         log.info("step %d: held-out accuracy %.1f%% (format %.1f%%, %d prompts, %.1fs)", step, 100 * res.accuracy,
                  100 * res.format, res.n, res.seconds)
         return row | res.metrics()
@@ -345,6 +354,19 @@ class Run:
         self._closers.clear()
         if getattr(self, "stop", None) is not None:
             self.stop.restore()
+
+
+def plan_run(cfg):
+    """This process's GPU placement (trainer ranks, the engines rank 0 starts), from the launcher's environment;
+    logged by rank 0. Raises ConfigError for a layout that cannot work."""
+    from megaapo.rollout.placement import plan_here
+
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else \
+        ("nccl" if torch.cuda.is_available() else "gloo")
+    placement = plan_here(cfg.rollout, trainer_on_gpu=backend == "nccl")
+    if int(os.environ.get("RANK", 0)) == 0:
+        log.info("placement: %s", placement.describe())
+    return placement
 
 
 def _seed_all(seed: int) -> None:

@@ -2,8 +2,8 @@
 
     build: distributed groups -> data, policy (+ reference) learner, rollout engines, reward pool, metrics
     (optional supervised format warm-up) -> broadcast weights -> evaluate
-    loop:  rollout G samples per prompt -> rewards -> advantages (+ DADS/STCR) -> reference log-probs
-           -> k optimizer updates -> broadcast weights -> log -> evaluate -> checkpoint
+    loop:  rollout G samples per prompt (a colocated engine then sleeps) -> rewards -> advantages (+ DADS/STCR)
+           -> reference log-probs -> k optimizer updates -> broadcast weights -> log -> evaluate -> checkpoint
 
 Rank 0 drives the engines and scores rewards; the experience is then shared with every trainer rank, which all run
 the learner (tensor/pipeline shards). Metrics, plots and checkpoint metadata belong to the loss-visible rank.
@@ -122,8 +122,12 @@ def main(cfg) -> int:
             with m.timer("rollout"):
                 idx = share(stream.take(cfg.rollout.prompts_per_step), run.groups)
                 examples = [run.train[i] for i in idx]
-                rollouts = engines.generate([run.builder.build(e) for e in examples],
-                                            run.sampling(step)) if engines else None
+                rollouts = None
+                if engines:
+                    # Colocated: wakes what sleeps (weights if no update came, then the KV cache) and generates,
+                    # then frees the GPU for the learner's turn; engines on their own GPUs keep theirs.
+                    rollouts = engines.generate([run.builder.build(e) for e in examples], run.sampling(step))
+                    engines.sleep()
             with m.timer("reward"):
                 rewards = run.scorer.score(reward_inputs(rollouts, examples, cfg.reward)) if engines else None
             rollouts, rewards = share((rollouts, rewards), run.groups)
@@ -139,7 +143,7 @@ def main(cfg) -> int:
                                              cfg.rollout.temperature, entropy=True)
                            for idx in minibatches(exp, cfg.algo.updates_per_batch)]
             state.step, state.weight_version = step + 1, policy.version
-            with m.timer("weight_sync"):
+            with m.timer("weight_sync"):   # colocated: wakes only the engine's weights to load them
                 sync = sync_weights(policy, engines, policy.version)
             row = summarize(exp) | update_metrics(updates) | run.throughput(exp.samples) | \
                 {"reward/timeouts": rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)}
@@ -158,7 +162,13 @@ def cli(argv: list[str] | None = None) -> int:
     overrides = argv[1:] if argv and "=" not in argv[0] else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    return main(load_config(preset, overrides))
+    from megaapo.config import ConfigError
+
+    try:
+        return main(load_config(preset, overrides))
+    except ConfigError as e:   # the same one line on every rank, as `megaapo train` prints it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

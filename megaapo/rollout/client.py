@@ -31,6 +31,7 @@ import torch
 
 from megaapo.rollout.buckets import TensorSpec
 from megaapo.rollout.group import SyncGroup, free_listen_socket, route_address
+from megaapo.rollout.placement import Placement, plan_here
 from megaapo.rollout.sync import WeightSender, cast_for_engine
 from megaapo.rollout.types import (ERROR_MARKER, EngineError, EngineSpec, Rollout, SamplingSpec, apply_engine_env,
                                    encode_prompts, to_rollouts)
@@ -132,12 +133,16 @@ class _Background(threading.Thread):
 class RolloutClient:
     def __init__(self, cfg, model: str | Path | None = None, dtype: str = "bfloat16", *,
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 log_dir: str | Path | None = None, engine_extra: Optional[dict] = None, wait: bool = True):
+                 log_dir: str | Path | None = None, engine_extra: Optional[dict] = None, wait: bool = True,
+                 placement: Optional[Placement] = None):
         """Start `cfg.num_engines` engines on `model` (or connect to `cfg.addresses`) and wait until they serve.
 
         min/max_pixels must be the data config's, so that the engine's image token counts match the prompt
         builder's. Engine logs go to `log_dir` (default: a temporary directory). wait=False returns as soon as the
-        engines are asked to start (they load while the caller works on); `ready()` then waits for them."""
+        engines are asked to start (they load while the caller works on); `ready()` then waits for them.
+        `placement` gives each engine its GPUs (`megaapo.rollout.placement`; the run plans it at start); without
+        it the client plans from this process's environment, letting engines share this process's GPU only when
+        no other is free (and then refusing weight updates, which need disjoint GPUs)."""
         if cfg.mode == "colocated":
             raise EngineError("rollout.mode=colocated runs vLLM inside the trainer process: use "
                               "megaapo.rollout.colocated.ColocatedEngine, not RolloutClient")
@@ -148,6 +153,7 @@ class RolloutClient:
         self._group: Optional[SyncGroup] = None
         self._sender: Optional[WeightSender] = None
         self._starting = False
+        self.placement: Optional[Placement] = None
         _LIVE.add(self)
         try:
             if cfg.addresses:
@@ -160,6 +166,9 @@ class RolloutClient:
                     raise EngineError("no model to serve: give RolloutClient a model path or rollout.addresses")
                 spec = EngineSpec.from_config(cfg, str(model), dtype, min_pixels=min_pixels, max_pixels=max_pixels,
                                               extra=dict(engine_extra or {}))
+                if placement is None:
+                    placement = plan_here(cfg, trainer_on_gpu=torch.cuda.is_available(), weight_sync=False)
+                self.placement = placement
                 self._spawn(spec, Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="megaapo-engines-")))
             for h in self.engines:
                 h.send("health")
@@ -189,8 +198,10 @@ class RolloutClient:
     # ------------------------------------------------------------------------------------------------- start
     def _spawn(self, spec: EngineSpec, log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = apply_engine_env(dict(os.environ))
+        base_env = apply_engine_env(dict(os.environ))
         for i in range(self.cfg.num_engines):
+            # Its own GPUs, never the trainer's inherited CUDA_VISIBLE_DEVICES (vLLM would take the first of them).
+            env = base_env | self.placement.engine_env(i)
             endpoint_file = log_dir / f"engine_{i}.endpoint"
             endpoint_file.unlink(missing_ok=True)
             log_path = log_dir / f"engine_{i}.log"
@@ -305,6 +316,10 @@ class RolloutClient:
     def _ensure_group(self) -> None:
         if self._group is not None:
             return
+        if self.placement is not None and self.placement.shared:
+            raise EngineError(f"rollout engines share a GPU with the trainer ({self.placement.describe()}), and NCCL "
+                              "refuses two ranks of the weight-sync group on one GPU: give them GPUs of their own "
+                              "(fewer trainer processes, rollout.engine_gpus) or use rollout.mode=colocated")
         local = all(h.proc is not None for h in self.engines)
         host = self.cfg.sync_host or ("127.0.0.1" if local else route_address(urlparse(self.engines[0].address)
                                                                                .hostname))
@@ -362,6 +377,10 @@ class RolloutClient:
         self.version = version
         return {"version": version, "buckets": len(buckets), "bytes": send.result["bytes"],
                 "seconds": time.perf_counter() - t0, "engine_load_seconds": max(r["seconds"] for r in replies)}
+
+    def sleep(self) -> None:
+        """The RL loop's "learner's turn" (a colocated engine frees the GPU): engines in their own processes, on
+        their own GPUs, have nothing to give back."""
 
     # ------------------------------------------------------------------------------------------------- cleanup
     def shutdown(self) -> None:

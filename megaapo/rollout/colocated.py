@@ -1,13 +1,26 @@
 """Colocated rollout (GPU only): vLLM inside the trainer process, on the learner's GPU, asleep while it trains.
 
-Called by the RL loop when `rollout.mode=colocated`, with the same interface as `RolloutClient`:
-    engine.generate(...)            wakes the engine (weights + KV cache) and generates
-    engine.sleep()                  before the learner's step: frees the KV cache and moves the weights off the GPU
-    engine.update_weights(...)      after the step: wakes only the weights and loads the new ones in place
-                                    (no process group; tensors passed by reference, no copy beyond the load)
-vLLM's sleep mode is CUDA-only ("Sleep mode is not supported on current platform" on CPU), so construction
-fails with a clear message on a machine without a GPU. Level 1 (the default) keeps a host copy of the weights;
-level 2 drops them, which saves host memory and a copy when every weight is reloaded after each step anyway.
+Built by `megaapo.rollout.make_rollout` when `rollout.mode=colocated`, with the same interface as `RolloutClient`;
+the RL loop (`megaapo.train`) and `megaapo.run.Run` drive its lifecycle:
+
+    start (before the learners exist) -> sleep           vLLM's start-up check wants its share of an empty GPU
+    per step:  generate                                  wakes what sleeps: weights, then the KV cache
+               sleep                                     weights and KV cache off the GPU: the learner's turn
+               (old/reference log-probs, updates)
+               update_weights                            wakes the weights only and loads the new ones in place
+               generate ...                              wakes the KV cache last, after the load
+
+Why this order: `vllm.LLM(gpu_memory_utilization=u)` refuses to start unless u x total memory is free (vLLM 0.32,
+`vllm/v1/worker/utils.py::request_memory`), and it sizes its KV cache from that budget, so the engine is built
+first and put to sleep before the learners allocate; the learners then live in the memory it gave back, and what
+they hold while the engine is awake must fit in (1 - u) of the GPU. Loading before the KV cache is back keeps the
+peak of a weight update at learner + engine weights, not learner + engine weights + KV cache (vLLM's RLHF flow:
+`wake_up(["weights"])`, load, `wake_up(["kv_cache"])`). PyTorch's cached free blocks are handed back to the driver
+before each wake-up, or vLLM's allocator could not map its pages beside the learner's cache.
+
+Sleep level 1 keeps a host copy of the weights (the host memory of one model), so an engine woken without a weight
+update (an eval right after a resume) serves the weights it had. vLLM's sleep mode is CUDA-only ("Sleep mode is not
+supported on current platform" on CPU): on a machine without a GPU construction fails with a clear message.
 """
 
 from __future__ import annotations
@@ -17,20 +30,27 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from megaapo.rollout.engine import VllmEngine
 from megaapo.rollout.sync import cast_for_engine
 from megaapo.rollout.types import EngineError, EngineSpec, Rollout, SamplingSpec, encode_prompts, to_rollouts
+
+
+def build_engine(spec: EngineSpec):
+    """The in-process vLLM engine with sleep mode (the one thing a CPU test replaces, with a recording double)."""
+    if not torch.cuda.is_available():
+        raise EngineError("rollout.mode=colocated needs a CUDA GPU: it relies on vLLM's sleep mode (freeing the "
+                          "engine's weights and KV cache while the learner trains), which vLLM supports only "
+                          "on GPUs. Use rollout.mode=disaggregated on this machine.")
+    from megaapo.rollout.engine import VllmEngine
+
+    return VllmEngine(spec)
 
 
 class ColocatedEngine:
     def __init__(self, cfg, model: str | Path, dtype: str = "bfloat16", *, min_pixels: Optional[int] = None,
                  max_pixels: Optional[int] = None, sleep_level: int = 1, engine_extra: Optional[dict] = None,
-                 log_dir=None):
-        """Same arguments as `RolloutClient` (log_dir is unused: vLLM logs to the trainer's own output)."""
-        if not torch.cuda.is_available():
-            raise EngineError("rollout.mode=colocated needs a CUDA GPU: it relies on vLLM's sleep mode (freeing the "
-                              "engine's weights and KV cache while the learner trains), which vLLM supports only "
-                              "on GPUs. Use rollout.mode=disaggregated on this machine.")
+                 log_dir=None, placement=None):
+        """Same arguments as `RolloutClient` (log_dir and placement are unused: the engine is this process, on
+        its GPU, and logs to its output)."""
         if cfg.tensor_parallel_size != 1 or cfg.num_engines != 1:
             raise EngineError("rollout.mode=colocated supports one engine with tensor_parallel_size=1 (the engine "
                               "must live in the trainer process); use rollout.mode=disaggregated for more")
@@ -38,44 +58,53 @@ class ColocatedEngine:
                                       extra=dict(engine_extra or {}))
         spec.enable_sleep_mode = True
         self.cfg, self.sleep_level = cfg, sleep_level
-        self.engine = VllmEngine(spec)
-        self.asleep = False
-        self.weights_awake = True
+        self.engine = build_engine(spec)
+        self.asleep: set[str] = set()   # the vLLM memory tags now off the GPU: "weights", "kv_cache"
 
     @property
     def version(self) -> int:
         return self.engine.version
 
+    # ---------------------------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        if not self.asleep:
+        """Free the GPU for the learner: the KV cache is discarded, the weights go to host memory."""
+        if self.asleep != {"weights", "kv_cache"}:
+            if self.asleep:   # half awake (weights loaded, cache not yet back): wake fully so vLLM can sleep
+                self._wake("kv_cache")
             self.engine.sleep(self.sleep_level)
-            self.asleep, self.weights_awake = True, False
+            self.asleep = {"weights", "kv_cache"}
 
-    def wake(self) -> None:
-        if self.asleep:
-            # Only what is still asleep: after update_weights the weights are already back.
-            self.engine.wake_up(None if not self.weights_awake else ["kv_cache"])
-            self.asleep, self.weights_awake = False, True
+    def _wake(self, tag: str) -> None:
+        if tag in self.asleep:
+            torch.cuda.empty_cache()   # the learner's cached free blocks back to the driver, for vLLM to map
+            self.engine.wake_up([tag])
+            self.asleep.discard(tag)
 
+    def _awake(self) -> None:
+        """Everything back before serving, weights first (vLLM resumes scheduling only when nothing sleeps)."""
+        self._wake("weights")
+        self._wake("kv_cache")
+
+    # ------------------------------------------------------------------------------------------------- calls
     def generate(self, prompts: Sequence, sampling: Optional[SamplingSpec] = None) -> list[Rollout]:
-        self.wake()
+        self._awake()
         sampling = sampling or SamplingSpec.from_config(self.cfg)
         return to_rollouts(self.engine.generate(encode_prompts(prompts), sampling.to_wire()), 0, 0)
 
     def score(self, prompts: Sequence, continuations: Sequence[Sequence[int]]) -> list[list[float]]:
-        self.wake()
+        self._awake()
         return self.engine.score(encode_prompts(prompts), [list(c) for c in continuations])["logprobs"]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, specs=None) -> dict:
-        if self.asleep and not self.weights_awake:
-            self.engine.wake_up(["weights"])   # the KV cache stays freed until the next generate
-            self.weights_awake = True
+        """Load in place (no process group; the tensors are passed by reference). The KV cache stays asleep
+        until the next generate, so the update's peak is learner + engine weights."""
+        self._wake("weights")
         dtype = getattr(torch, self.engine.health()["dtype"])
         n = self.engine.load_weights(cast_for_engine(named_tensors, dtype), version)
         return {"version": version, "tensors": n}
 
     def health(self) -> list[dict]:
-        return [dict(self.engine.health(), asleep=self.asleep)]
+        return [dict(self.engine.health(), asleep=sorted(self.asleep))]
 
     def ready(self) -> "ColocatedEngine":
         """Built in-process, so ready once constructed (the same call as RolloutClient's)."""
