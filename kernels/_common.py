@@ -17,9 +17,19 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Set only by `kernels.compile_check` while it records launches (its stand-in kernels note each launch and run
+# nothing): tensors on this device type then take the GPU path and the GPU's launch configuration.
+GPU_PATH_FOR = None
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Whether launches for tensors on `device` use the GPU's launch configuration (block sizes, warps)."""
+    return device.type == "cuda" or device.type == GPU_PATH_FOR
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the Triton kernels can run on `t`: a CUDA tensor, or any tensor under TRITON_INTERPRET=1."""
-    return t.is_cuda or INTERPRET
+    return on_gpu(t.device) or INTERPRET
 
 
 def next_pow2(n: int) -> int:

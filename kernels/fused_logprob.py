@@ -5,11 +5,13 @@ Called by the learner for the old-policy and reference passes (forward only) and
 `fused_logprob_reference` (pure PyTorch: the CPU fallback, the tests' oracle and the benchmark's baseline).
 
 What is fused. hidden [N, H] and weight [V, H] never produce an [N, V] logits tensor. Rows are processed in chunks;
-per chunk a cuBLAS GEMM writes the chunk's logits into a bounded workspace (`workspace_bytes`, default 256 MiB,
-in the inputs' dtype, so bf16 inputs give bf16-rounded logits exactly like eager PyTorch and vLLM), and one Triton
-row kernel keeps fp32 running max / sum-exp / sum p*z / target logit over vocab tiles (online logsumexp) and writes
-fp32 log-probs, entropy and the per-row lse. Forward-only passes also split the vocabulary into chunks, so the
-workspace stays bounded for any N. Under tensor parallelism each rank holds a vocab shard [V/tp, H] starting at
+per chunk a cuBLAS GEMM writes the chunk's logits into a bounded workspace (in the inputs' dtype, so bf16 inputs
+give bf16-rounded logits exactly like eager PyTorch and vLLM), and one Triton row kernel keeps fp32 running max /
+sum-exp / sum p*z / target logit over vocab tiles (online logsumexp) and writes fp32 log-probs, entropy and the
+per-row lse. Forward-only passes also split the vocabulary into chunks (`workspace_bytes`, default 256 MiB), so the
+workspace stays bounded for any N; gradient passes take whole-vocabulary chunks of `grad_chunk_rows` rows (4096 for
+an fp32 main_grad: 1.16 GiB of bf16 logits at V=152k), sized so that re-reading and re-writing dW once per chunk
+stays under a tenth of the chunk's GEMM time. Under tensor parallelism each rank holds a vocab shard [V/tp, H] starting at
 `vocab_start`; per chunk the row maxima are all-reduced (MAX) and the rescaled (sum-exp, sum p*z, target logit)
 (SUM): two small collectives of O(rows) floats.
 
@@ -25,11 +27,14 @@ more, read + write, when a gradient is made), X and W are read by the GEMMs, and
 dX [N, H] and dW [V, H]. FLOPs: 2NHV forward, 8NHV forward + recompute backward, 6NHV with the gradient in the
 forward (`fused_policy_loss`).
 
-Fallback: on CPU tensors without TRITON_INTERPRET=1 `fused_logprob` runs `fused_logprob_reference`.
+Fallback: on CPU tensors without TRITON_INTERPRET=1 `fused_logprob` runs `fused_logprob_reference`. A torch without
+the fp32-output GEMM (torch.addmm(out_dtype=), < 2.10) upcasts the dW operands to fp32, with a one-time warning.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -38,20 +43,35 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels._common import next_pow2, round_to, use_triton
+from kernels._common import next_pow2, on_gpu, round_to, use_triton
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
-@triton.jit
+# What Triton compiles a kernel for: the pointer dtypes and the constexprs below, nothing else. Integer sizes are
+# not specialised (by default a size equal to 1, or a multiple of 16, compiles a kernel of its own), so a new batch
+# shape never costs a compile in the middle of a run and `kernels.compile_check` can compile every variant ahead of
+# time; ROW_ALIGNED carries the one size fact worth a variant (16-element rows: 16-byte loads). Per-row pointers
+# are read one element per program, so their alignment is not specialised either.
+_ROW_INTS = ["stride_z", "n_rows", "n_cols", "col_start", "accum", "finalize"]
+_ROW_PTRS = ["tgt_ptr", "m_ptr", "s_ptr", "t_ptr", "zt_ptr", "lse_ptr", "ez_ptr", "logp_ptr", "ent_ptr"]
+
+
+@triton.jit(do_not_specialize=_ROW_INTS, do_not_specialize_on_alignment=_ROW_PTRS)
 def _row_stats_kernel(z_ptr, stride_z, n_rows, n_cols, col_start, tgt_ptr, inv_t,
-                      m_ptr, s_ptr, t_ptr, zt_ptr, lse_ptr, ez_ptr, logp_ptr, ent_ptr,
-                      ACCUM: tl.constexpr, FINALIZE: tl.constexpr, WANT_ENT: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                      m_ptr, s_ptr, t_ptr, zt_ptr, lse_ptr, ez_ptr, logp_ptr, ent_ptr, accum, finalize,
+                      WANT_ENT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    # accum: the running statistics of earlier vocab chunks are loaded (else started); finalize: this chunk ends
+    # the row, so log-probs are written (else the statistics are stored for the next chunk or the TP merge).
+    if ROW_ALIGNED:
+        # the launcher guarantees 16 | n_cols == stride_z; the product lets Triton's alignment analysis see it
+        stride_z = (stride_z // 16) * 16
+        n_cols = (n_cols // 16) * 16
     # Rows on grid axis 0 (2^31 programs) so no token count hits the 65,535 limit of axes 1 and 2.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1).to(tl.int64) - col_start
-    if ACCUM:
+    if accum != 0:
         m = tl.load(m_ptr + rows, mask=rmask, other=float("-inf"))
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
         t = tl.load(t_ptr + rows, mask=rmask, other=0.0)
@@ -82,7 +102,7 @@ def _row_stats_kernel(z_ptr, stride_z, n_rows, n_cols, col_start, tgt_ptr, inv_t
         hit = (cols[None, :] == tgt[:, None]) & valid
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m = m_new
-    if FINALIZE:
+    if finalize != 0:
         log_s = tl.log(s)
         lse = m + log_s
         tl.store(lse_ptr + rows, lse, mask=rmask)
@@ -97,10 +117,15 @@ def _row_stats_kernel(z_ptr, stride_z, n_rows, n_cols, col_start, tgt_ptr, inv_t
         tl.store(zt_ptr + rows, zt, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_z", "stride_dz", "n_rows", "n_cols", "col_start"],
+            do_not_specialize_on_alignment=["tgt_ptr", "lse_ptr", "ez_ptr", "a_ptr", "b_ptr"])
 def _row_grad_kernel(z_ptr, stride_z, dz_ptr, stride_dz, n_rows, n_cols, col_start, tgt_ptr, inv_t,
                      lse_ptr, ez_ptr, a_ptr, b_ptr,
-                     HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                     HAS_B: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    if ROW_ALIGNED:   # as in _row_stats_kernel: 16 | n_cols == stride_z == stride_dz
+        stride_z = (stride_z // 16) * 16
+        stride_dz = (stride_dz // 16) * 16
+        n_cols = (n_cols // 16) * 16
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1).to(tl.int64) - col_start
@@ -127,10 +152,30 @@ def _row_grad_kernel(z_ptr, stride_z, dz_ptr, stride_dz, n_rows, n_cols, col_sta
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # hidden / weight dtypes the kernels are compiled for
+
+# Gradient chunk size. A gradient pass adds each row chunk's dW = dZ^T X into dW [V, H] (megatron's fp32 main_grad,
+# or a weight-dtype tensor), so cuBLAS reads and writes all of dW once per chunk: 2 V H e bytes (e = dW's element
+# size) against the 6 C H V FLOPs of the chunk's three GEMMs. Their time ratio, e R / (3 C B), depends on the chunk
+# rows C alone; C is the smallest power of two that keeps it under DW_TRAFFIC_SHARE on an H100 (docs/kernels.md
+# works it through for the ANCHORS shapes). R and B are measured H100 rates (../shared/ANCHORS.md).
+MATMUL_FLOPS = 735e12      # bf16 cuBLAS, the three lm_head GEMMs at 3B N=8192: 6 N H V / 20.8 ms
+HBM_BYTES = 3.0e12         # device-memory copy rate, bytes read + written
+DW_TRAFFIC_SHARE = 0.10
+
+
+def grad_chunk_rows(dw_elem: int) -> int:
+    """Rows per gradient chunk for a dW of `dw_elem`-byte elements: 4096 for fp32 main_grad, 2048 for bf16 dW."""
+    return next_pow2(math.ceil(dw_elem * MATMUL_FLOPS / (3 * DW_TRAFFIC_SHARE * HBM_BYTES)))
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Chunk and block sizes; None picks the default for the device. Tests shrink them to hit block boundaries."""
-    workspace_bytes: int = 256 << 20
+    """Chunk and block sizes; None picks the default for the device. Tests shrink them to hit block boundaries.
+
+    Only the defaults are compiled ahead of time by `kernels.compile_check`; other block sizes compile on first use.
+    """
+    workspace_bytes: int = 256 << 20     # logits workspace of forward-only passes (gradient chunks: grad_chunk_rows)
     chunk_rows: Optional[int] = None     # rows per GEMM chunk
     chunk_vocab: Optional[int] = None    # vocab columns per GEMM chunk (forward-only passes)
     block_rows: Optional[int] = None     # rows per row-kernel program
@@ -139,9 +184,9 @@ class LaunchConfig:
 
 
 def _blocks(cfg: LaunchConfig, rows: int, cols: int, device: torch.device):
-    if device.type == "cuda":
+    if on_gpu(device):   # fixed, whatever the shape: one compiled kernel per dtype and flag set
         br = cfg.block_rows or 1
-        bv = cfg.block_vocab or min(4096, next_pow2(cols))
+        bv = cfg.block_vocab or 4096
         warps = cfg.num_warps or (8 if bv >= 2048 else 4)
     else:   # the interpreter runs each program in Python, so fewer, fatter programs are much faster
         br = cfg.block_rows or min(64, next_pow2(rows))
@@ -150,47 +195,71 @@ def _blocks(cfg: LaunchConfig, rows: int, cols: int, device: torch.device):
     return br, bv, warps
 
 
-def _chunks(cfg: LaunchConfig, n: int, v: int, elem: int, full_vocab: bool):
-    """(rows, cols) of a GEMM chunk whose logits fit `workspace_bytes`; full_vocab when a gradient is made."""
-    budget = max(cfg.workspace_bytes // elem, 1)
-    if full_vocab:     # dZ needs the full-vocab lse before it can be written, so a chunk spans the whole shard
+def _chunks(cfg: LaunchConfig, n: int, v: int, elem: int, dw_elem: Optional[int]):
+    """(rows, cols) of a GEMM chunk whose logits take `elem` bytes per element. dw_elem: a gradient pass, whose dW
+    has elements of that size (rows from grad_chunk_rows); None: forward only (logits within workspace_bytes)."""
+    if dw_elem is not None:   # dZ needs the full-vocab lse before it can be written, so a chunk spans the whole shard
+        target = cfg.chunk_rows or grad_chunk_rows(dw_elem)
+        parts = triton.cdiv(n, target)      # as many chunks as the target needs, evened out: less workspace
+        rows = target if cfg.chunk_rows else triton.cdiv(triton.cdiv(n, parts), 64) * 64
         cols = v
-        rows = cfg.chunk_rows or max(64, (budget // v) // 64 * 64)
-    else:              # forward only: tall chunks keep the GEMM efficient, the vocab split bounds the workspace
+    else:                     # forward only: tall chunks keep the GEMM efficient, the vocab split bounds the workspace
         rows = cfg.chunk_rows or 4096
-        cols = cfg.chunk_vocab or max(256, budget // min(rows, n))
+        # a multiple of 256, so that every vocab chunk but the last has 16-aligned rows (vectorised row kernels)
+        cols = cfg.chunk_vocab or max(256, cfg.workspace_bytes // elem // min(rows, n) // 256 * 256)
     return max(1, min(rows, n)), max(1, min(cols, v))
 
 
+_FP32_OUT: dict = {}   # (device type, operand dtype) -> None when the fp32-output GEMM runs, else why not
+
+
+def fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether cuBLAS's fp32-output GEMM from `dtype` operands (torch.mm / torch.addmm with out_dtype=, torch >= 2.8;
+    addmm with an fp32 input since 2.10) runs on `device`, probed once on a 2 x 2 product. Without it the callers
+    upcast both operands to fp32 (an fp32 GEMM: ~10x slower than bf16 on tensor cores) and this warns once, naming
+    the cause. CPU tensors (the interpreter tests) always upcast: there is no such CPU kernel and no speed to lose."""
+    if device.type != "cuda":
+        return False
+    key = (device.type, dtype)
+    if key not in _FP32_OUT:
+        a = torch.zeros(2, 2, dtype=dtype, device=device)
+        c = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        try:
+            torch.mm(a, a, out_dtype=torch.float32, out=c)
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+            _FP32_OUT[key] = None
+        except (TypeError, RuntimeError) as e:   # no such overload (torch < 2.8) or no kernel for these dtypes
+            _FP32_OUT[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            warnings.warn(f"fused_logprob: torch {torch.__version__} has no fp32-output GEMM for {dtype} operands "
+                          f"on {device.type} (torch.addmm(..., out_dtype=torch.float32) failed with "
+                          f"{_FP32_OUT[key]}); the lm_head weight gradient into an fp32 main_grad (and fp32 logits) "
+                          f"now upcast both operands and run an fp32 matmul, about 10x slower. Use torch >= 2.10.",
+                          RuntimeWarning, stacklevel=3)
+    return _FP32_OUT[key] is None
+
+
 def _accumulate_wgrad(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """dw (+)= dz^T h. An fp32 dw with bf16 operands takes cuBLAS's fp32-output GEMM (no fp32 operand copies)."""
+    """dw (+)= dz^T h. An fp32 dw with 16-bit operands takes cuBLAS's fp32-output GEMM (no fp32 operand copies)."""
+    beta = 0 if first else 1
     if dw.dtype == dz.dtype:
         if first:
             torch.mm(dz.t(), h, out=dw)
         else:
             dw.addmm_(dz.t(), h)
-        return
-    if dw.is_cuda:
-        try:
-            torch.addmm(dw, dz.t(), h, out_dtype=dw.dtype, out=dw)
-            return
-        except (RuntimeError, TypeError):  # older builds without the mixed-dtype GEMM
-            pass
-    dw.addmm_(dz.t().to(dw.dtype), h.to(dw.dtype))
+    elif fp32_output_gemm(dw.device, dz.dtype):
+        torch.addmm(dw, dz.t(), h, beta=beta, out_dtype=dw.dtype, out=dw)
+    else:
+        dw.addmm_(dz.t().to(dw.dtype), h.to(dw.dtype), beta=beta)
 
 
 def _mm_into(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """z = a @ b, z possibly wider than the operands (fp32 logits from bf16 inputs, fp32 cuBLAS accumulation)."""
     if z.dtype == a.dtype:
         torch.mm(a, b, out=z)
-        return
-    if z.is_cuda:
-        try:
-            torch.mm(a, b, out_dtype=z.dtype, out=z)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    torch.mm(a.to(z.dtype), b.to(z.dtype), out=z)
+    elif fp32_output_gemm(z.device, a.dtype):
+        torch.mm(a, b, out_dtype=z.dtype, out=z)
+    else:
+        torch.mm(a.to(z.dtype), b.to(z.dtype), out=z)
 
 
 def _tp_merge(m, s, t, zt, group, want_ent):
@@ -233,7 +302,6 @@ def lm_head_pass(hidden, weight, targets, temperature, vocab_start, tp_group, wa
     n, _ = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    inv_t = 1.0 / float(temperature)
     tp = tp_group is not None and dist.get_world_size(tp_group) > 1
     f32 = dict(dtype=torch.float32, device=dev)
     if grad is not None and grad.use_saved:
@@ -246,46 +314,35 @@ def lm_head_pass(hidden, weight, targets, temperature, vocab_start, tp_group, wa
     zdt = logits_dtype or hidden.dtype
     split = grad is not None and zdt != weight.dtype     # dZ must be in the weight dtype for the dX / dW GEMMs
     elem = torch.empty(0, dtype=zdt).element_size() + (weight.element_size() if split else 0)
-    rows, cols = _chunks(cfg, n, v, elem, full_vocab=grad is not None)
+    dw_elem = None if grad is None else (grad.dw if grad.dw is not None else weight).element_size()
+    rows, cols = _chunks(cfg, n, v, elem, dw_elem)
     ws = torch.empty(rows * cols, dtype=zdt, device=dev)
     dz_ws = torch.empty(rows * cols, dtype=weight.dtype, device=dev) if split else None
     br, bv, warps = _blocks(cfg, rows, cols, dev)
     run = torch.empty(4, rows, **f32)       # running (max, sum-exp, sum p*z, target logit) across vocab chunks
-    dummy = run[0]
+    blocks = dict(BLOCK_R=br, BLOCK_V=bv, num_warps=warps)
+    outs = (logp, ent, lse, ez)
     first_w = True
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        nr = r1 - r0
         h, tg = hidden[r0:r1], targets[r0:r1]
-        grid = (triton.cdiv(nr, br),)
         if not (grad is not None and grad.use_saved):
-            for c0 in range(0, v, cols):
-                c1 = min(v, c0 + cols)
-                z = ws[: nr * (c1 - c0)].view(nr, c1 - c0)
-                _mm_into(z, h, weight[c0:c1].t())
-                fin = c1 == v and not tp
-                _row_stats_kernel[grid](
-                    z, z.stride(0), nr, c1 - c0, vocab_start + c0, tg, inv_t,
-                    run[0], run[1], run[2], run[3],
-                    lse[r0:r1], ez[r0:r1] if want_ent else dummy, logp[r0:r1], ent[r0:r1] if want_ent else dummy,
-                    ACCUM=c0 > 0, FINALIZE=fin, WANT_ENT=want_ent, BLOCK_R=br, BLOCK_V=bv, num_warps=warps)
-            if tp:
-                out = _tp_merge(run[0, :nr], run[1, :nr], run[2, :nr], run[3, :nr], tp_group, want_ent)
-                lse[r0:r1], logp[r0:r1] = out[0], out[1]
-                if want_ent:
-                    ez[r0:r1], ent[r0:r1] = out[2], out[3]
+            _row_chunk_stats(h, weight, tg, r0, r1, ws, run, outs, cols, vocab_start, temperature, tp_group, tp,
+                             want_ent, blocks)
         if grad is None:
             continue
+        nr = r1 - r0
         z = ws[: nr * v].view(nr, v)
         if grad.use_saved:
             _mm_into(z, h, weight.t())
         a, b = grad.coef(r0, r1, None if logp is None else logp[r0:r1], None if ent is None else ent[r0:r1])
         has_b = b is not None
         dz = dz_ws[: nr * v].view(nr, v) if split else z
-        _row_grad_kernel[grid](
-            z, z.stride(0), dz, dz.stride(0), nr, v, vocab_start, tg, inv_t,
+        dummy = run[0]
+        _row_grad_kernel[(triton.cdiv(nr, br),)](
+            z, z.stride(0), dz, dz.stride(0), nr, v, vocab_start, tg, 1.0 / float(temperature),
             lse[r0:r1], ez[r0:r1] if has_b else dummy, a, b if has_b else dummy,
-            HAS_B=has_b, BLOCK_R=br, BLOCK_V=bv, num_warps=warps)
+            HAS_B=has_b, ROW_ALIGNED=v % 16 == 0, **blocks)
         if grad.dx is not None:
             torch.mm(dz, weight, out=grad.dx[r0:r1])
         if grad.dw is not None:
@@ -294,6 +351,28 @@ def lm_head_pass(hidden, weight, targets, temperature, vocab_start, tp_group, wa
     if grad is not None and tp and grad.dx is not None and grad.reduce_dx:
         dist.all_reduce(grad.dx, op=dist.ReduceOp.SUM, group=tp_group)
     return logp, ent, lse, ez
+
+
+def _row_chunk_stats(h, weight, tg, r0, r1, ws, run, outs, cols, vocab_start, temperature, tp_group, tp, want_ent,
+                     blocks):
+    """Statistics of rows r0:r1 over the vocab chunks of this shard (merged over the TP group): fills outs' rows."""
+    logp, ent, lse, ez = outs
+    nr, v = r1 - r0, weight.shape[0]
+    dummy = run[0]
+    for c0 in range(0, v, cols):
+        c1 = min(v, c0 + cols)
+        z = ws[: nr * (c1 - c0)].view(nr, c1 - c0)
+        _mm_into(z, h, weight[c0:c1].t())
+        _row_stats_kernel[(triton.cdiv(nr, blocks["BLOCK_R"]),)](
+            z, z.stride(0), nr, c1 - c0, vocab_start + c0, tg, 1.0 / float(temperature),
+            run[0], run[1], run[2], run[3],
+            lse[r0:r1], ez[r0:r1] if want_ent else dummy, logp[r0:r1], ent[r0:r1] if want_ent else dummy,
+            int(c0 > 0), int(c1 == v and not tp), WANT_ENT=want_ent, ROW_ALIGNED=(c1 - c0) % 16 == 0, **blocks)
+    if tp:
+        out = _tp_merge(run[0, :nr], run[1, :nr], run[2, :nr], run[3, :nr], tp_group, want_ent)
+        lse[r0:r1], logp[r0:r1] = out[0], out[1]
+        if want_ent:
+            ez[r0:r1], ent[r0:r1] = out[2], out[3]
 
 
 def check_inputs(hidden, weight, targets, main_grad=None):
@@ -306,6 +385,20 @@ def check_inputs(hidden, weight, targets, main_grad=None):
         raise ValueError(f"fused_logprob: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
     if main_grad is not None and (main_grad.shape != weight.shape or main_grad.dtype != torch.float32):
         raise ValueError("fused_logprob: main_grad must be an fp32 tensor shaped like weight")
+
+
+def kernel_inputs(hidden, targets, logits_dtype):
+    """The Triton path's inputs in the dtypes its kernels are compiled for (DTYPES; int64 targets; fp32 or the
+    inputs' dtype for the logits) -> (targets, logits_dtype); a clear error for anything else."""
+    if hidden.dtype not in DTYPES:
+        raise ValueError(f"fused_logprob: the kernels take {', '.join(map(str, DTYPES))} hidden states and weights, "
+                         f"got {hidden.dtype}; cast the model, or use fused_logprob_reference")
+    if logits_dtype not in (None, hidden.dtype, torch.float32):
+        raise ValueError(f"fused_logprob: logits_dtype must be None (the inputs' dtype) or torch.float32, "
+                         f"got {logits_dtype}")
+    if targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"fused_logprob: targets must be integer token ids, got {targets.dtype}")
+    return targets.long(), None if logits_dtype == hidden.dtype else logits_dtype
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -366,6 +459,7 @@ def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         return fused_logprob_reference(hidden, weight, targets, temperature, return_entropy=return_entropy,
                                        tp_group=tp_group, vocab_start=vocab_start, main_grad=main_grad,
                                        reduce_grad_hidden=reduce_grad_hidden, logits_dtype=logits_dtype)
+    targets, logits_dtype = kernel_inputs(hidden, targets, logits_dtype)
     out = _FusedLogprob.apply(hidden, weight, targets, float(temperature), return_entropy, tp_group, vocab_start,
                               main_grad, reduce_grad_hidden, config or LaunchConfig(), logits_dtype)
     return out if return_entropy else (out, None)

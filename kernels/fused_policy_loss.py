@@ -27,7 +27,7 @@ import torch
 
 from kernels._common import use_triton
 from kernels.fused_logprob import (GradSpec, LaunchConfig, check_inputs, default_vocab_start, fused_logprob_reference,
-                                   lm_head_pass)
+                                   kernel_inputs, lm_head_pass)
 from kernels.policy_loss import (_cfg, flatten_batch, metrics_dict, policy_loss_reference, seq_coefficients,
                                  token_grads)
 
@@ -103,6 +103,7 @@ def fused_policy_loss(hidden, weight, targets, logp_old, advantages, mask, s, *,
                                            reduce_grad_hidden=reduce_grad_hidden, return_logp=return_logp,
                                            logits_dtype=logits_dtype)
     _cfg(s)
+    tg, logits_dtype = kernel_inputs(h2, tg, logits_dtype)
     on_policy = logp_old is None
     if on_policy:   # filled chunk by chunk with the log-probs of the pass (the counting launch does not read it)
         logp_old = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import next_pow2, use_triton
+from kernels._common import next_pow2, on_gpu, use_triton
 
 ESTIMATORS = {"grpo": 0, "drgrpo": 1, "rloo": 2}
 
@@ -43,10 +43,14 @@ class GroupAdvantage:
 
 
 # ---------------------------------------------------------------------------------------------------- kernel
-@triton.jit
+# Compiled per rewards dtype (fp32 / fp64) and HAS_APO only: the estimator and the APO switches are runtime scalars,
+# n is not specialised, nor is pointer alignment (see kernels.compile_check).
+@triton.jit(do_not_specialize=["n", "est", "unbiased", "dads", "stcr", "code"],
+            do_not_specialize_on_alignment=["r_ptr", "g_ptr", "c_ptr", "len_ptr", "adv_ptr", "klw_ptr", "mult_ptr",
+                                            "diff_ptr", "pos_ptr"])
 def _group_adv_kernel(r_ptr, g_ptr, c_ptr, len_ptr, adv_ptr, klw_ptr, mult_ptr, diff_ptr, pos_ptr, n, eps, ln_base,
-                      EST: tl.constexpr, UNBIASED: tl.constexpr, HAS_APO: tl.constexpr, DADS: tl.constexpr,
-                      STCR: tl.constexpr, CODE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                      est, unbiased, dads, stcr, code,
+                      HAS_APO: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     i = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     im = i < n
     gi = tl.load(g_ptr + i, mask=im, other=-1).to(tl.int64)
@@ -78,19 +82,12 @@ def _group_adv_kernel(r_ptr, g_ptr, c_ptr, len_ptr, adv_ptr, klw_ptr, mult_ptr, 
         rj = tl.load(r_ptr + j, mask=jm, other=0.0).to(tl.float64)
         dev = rj[None, :] - mean[:, None]
         sq += tl.sum(tl.where(same, dev * dev, 0.0), axis=1)
-    if UNBIASED:
-        den = tl.maximum(cnt - 1.0, 1.0)
-    else:
-        den = tl.maximum(cnt, 1.0)
+    den = tl.where(unbiased != 0, tl.maximum(cnt - 1.0, 1.0), tl.maximum(cnt, 1.0))
     std = tl.sqrt(sq / den)
     centred = ri - mean
-    if EST == 0:
-        # a group with equal rewards gets exactly 0 even with eps = 0
-        adv = tl.where(std > 0, centred / (std + eps), 0.0)
-    elif EST == 1:
-        adv = centred
-    else:
-        adv = tl.where(cnt > 1, centred * cnt / tl.maximum(cnt - 1.0, 1.0), 0.0)
+    # est: ESTIMATORS value. grpo: a group with equal rewards gets exactly 0 even with eps = 0; rloo: leave-one-out
+    adv = tl.where(est == 0, tl.where(std > 0, centred / (std + eps), 0.0),
+                   tl.where(est == 1, centred, tl.where(cnt > 1, centred * cnt / tl.maximum(cnt - 1.0, 1.0), 0.0)))
     adv32 = adv.to(tl.float32)
     tl.store(adv_ptr + i, adv32, mask=im)
     if HAS_APO:
@@ -100,28 +97,18 @@ def _group_adv_kernel(r_ptr, g_ptr, c_ptr, len_ptr, adv_ptr, klw_ptr, mult_ptr, 
         acc = nc / tl.maximum(cnt, 1.0)
         d = (1.0 - acc).to(tl.float32)
         tl.store(diff_ptr + i, d, mask=im)
-        if CODE:   # the authors' code: "positive" is the sign of the advantage, not correctness
-            positive = adv32 > 0
-        else:
-            positive = ci
+        # code: the authors' code, where "positive" is the sign of the advantage, not correctness
+        positive = tl.where(code != 0, adv32 > 0, ci)
         tl.store(pos_ptr + i, positive.to(tl.int8), mask=im)
-        one = tl.full((BLOCK_O,), 1.0, tl.float32)
-        klw = one
-        if DADS:
-            f = tl.where((d > 0) & (d < 1), 1.0 - tl.exp(-2.718281828459045 * (1.0 - d)), 1.0)
-            klw = tl.where(positive, f, 1.0)
+        f = tl.where((d > 0) & (d < 1), 1.0 - tl.exp(-2.718281828459045 * (1.0 - d)), 1.0)
+        klw = tl.where(positive & (dads != 0), f, 1.0)
         tl.store(klw_ptr + i, klw, mask=im)
-        mult = one
-        if STCR:
-            n_correct = acc * cnt
-            li = tl.load(len_ptr + i, mask=im, other=0).to(tl.float64)
-            delta = (li - lc / tl.maximum(n_correct, 1.0)).to(tl.float32)
-            eligible = wrong & (n_correct > 0)
-            if not CODE:
-                eligible = eligible & (adv32 < 0)
-            m = tl.where(delta > 0, 2.0 - tl.exp(-delta * ln_base), 1.0)
-            mult = tl.where(eligible, m, 1.0)
-        tl.store(mult_ptr + i, mult, mask=im)
+        n_correct = acc * cnt
+        li = tl.load(len_ptr + i, mask=im, other=0).to(tl.float64)
+        delta = (li - lc / tl.maximum(n_correct, 1.0)).to(tl.float32)
+        eligible = wrong & (n_correct > 0) & ((code != 0) | (adv32 < 0)) & (stcr != 0)
+        m = tl.where(delta > 0, 2.0 - tl.exp(-delta * ln_base), 1.0)
+        tl.store(mult_ptr + i, tl.where(eligible, m, 1.0), mask=im)
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -136,7 +123,7 @@ def _launch(rewards, group_index, correct, lengths, est, eps, unbiased, dads, st
         pos = torch.empty(n, dtype=torch.int8, device=dev)
     else:
         klw = mult = diff = pos = out
-    if dev.type == "cuda":
+    if on_gpu(dev):
         bo, bi, warps = block_out or 32, block_in or 128, 4
     else:
         bo, bi, warps = block_out or min(64, next_pow2(n)), block_in or min(256, next_pow2(n)), 1
@@ -144,8 +131,8 @@ def _launch(rewards, group_index, correct, lengths, est, eps, unbiased, dads, st
         _group_adv_kernel[(triton.cdiv(n, bo),)](
             rewards, group_index, correct if has_apo else rewards, lengths if has_apo else rewards,
             out, klw, mult, diff, pos, n, float(eps), math.log(stcr_base),
-            EST=est, UNBIASED=unbiased, HAS_APO=has_apo, DADS=dads, STCR=stcr, CODE=code,
-            BLOCK_O=bo, BLOCK_I=bi, num_warps=warps)
+            int(est), int(unbiased), int(dads), int(stcr), int(code),
+            HAS_APO=has_apo, BLOCK_O=bo, BLOCK_I=bi, num_warps=warps)
     if not has_apo:
         return (out,)
     return out, klw, mult, diff, pos.view(torch.bool)
@@ -193,10 +180,13 @@ def group_advantage(rewards: torch.Tensor, group_index: torch.Tensor, *, estimat
         return group_advantage_reference(rewards, group_index, estimator=estimator, eps=eps, unbiased=unbiased,
                                          correct=correct, lengths=lengths, dads=dads, stcr=stcr,
                                          stcr_base=stcr_base, faithful_to=faithful_to)
-    c = None if correct is None else correct.contiguous().view(torch.int8) if correct.dtype == torch.bool \
-        else correct.contiguous()
-    outs = _GroupAdvantage.apply(rewards.contiguous(), group_index.contiguous(), c,
-                                 None if lengths is None else lengths.contiguous(), ESTIMATORS[estimator], eps,
+    # the kernels' dtypes (no copy when the inputs already have them): fp32 or fp64 rewards, int64 ids and
+    # lengths, correct as int8 (a bool tensor is viewed, not copied)
+    r = rewards.contiguous() if rewards.dtype in (torch.float32, torch.float64) else rewards.contiguous().double()
+    c = None if correct is None else (correct if correct.dtype == torch.bool else correct != 0).contiguous().view(
+        torch.int8)
+    outs = _GroupAdvantage.apply(r, group_index.contiguous().long(), c,
+                                 None if lengths is None else lengths.contiguous().long(), ESTIMATORS[estimator], eps,
                                  unbiased, dads, stcr, stcr_base, faithful_to == "code", block_out, block_in)
     return GroupAdvantage(*outs) if isinstance(outs, tuple) else GroupAdvantage(outs)
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import next_pow2, use_triton
+from kernels._common import next_pow2, on_gpu, use_triton
 
 PG_MODES = {"ppo_clip": 0, "vanilla": 1}
 KL_MODES = {"k1": 1, "k2": 2, "k3": 3}
@@ -42,6 +42,9 @@ AGG_MODES = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_sum_norm": 2}
 METRICS = ("pg_loss", "clip_frac", "kl", "kl_loss", "entropy")
 _K = 6   # per-sequence sums: mask, m*tis*pg, m*w*kl, m*clipped, m*kl, m*entropy
 BLOCK = 1024   # tokens per program of the token kernels (tests shrink it to cross sequence boundaries)
+# 8 warps: 4 tokens per thread. With the settings as runtime arguments every branch is compiled in, and at 4 warps
+# the kernels need 108-144 registers (sm_90); at 8, 61-76 (docs/kernels.md), so more programs stay resident.
+WARPS = 8
 
 
 @dataclass
@@ -65,43 +68,44 @@ def _mode(table, name, what):
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
+# What Triton compiles these kernels for: the dtypes of the token pointers (fp32 floats, a bool or fp32 mask, int64
+# sequence ids; the launcher converts anything else) and the few constexprs, nothing else. The loss settings, the
+# optional inputs and the layout are runtime scalars (uniform branches, a few flops per token in a kernel bound by
+# launch latency), integer sizes are not specialised and neither is pointer alignment (callers pass views at any
+# offset): so a new setting or batch shape never compiles a new kernel mid-run, and `kernels.compile_check` can
+# compile every variant ahead of time.
+_INTS = ["n", "row_len", "n_seq", "start", "end", "pg_mode", "kl_mode", "agg", "kl_agg", "has_ref", "has_w",
+         "has_tis", "has_ent", "seq_from_row", "adv_per_token", "has_nt", "has_ns", "has_kl", "ent_bonus",
+         "lp_local"]
+_PTRS = ["lp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "w_ptr", "tis_ptr", "ent_ptr", "mask_ptr", "seq_ptr", "acc_ptr",
+         "ticket_ptr", "coef_ptr", "out_ptr", "loss_ptr", "g_ptr", "glp_ptr", "gent_ptr"]
+
+
 @triton.jit
-def _token_terms(lp, old, ref, adv, eps_low, eps_high, PG: tl.constexpr, KL: tl.constexpr):
-    """Per-token (pg, clipped, dpg/dlp, kl, dkl/dlp)."""
+def _token_terms(lp, old, ref, adv, eps_low, eps_high, pg_mode, kl_mode):
+    """Per-token (pg, clipped, dpg/dlp, kl, dkl/dlp); pg_mode, kl_mode: PG_MODES, KL_MODES values (runtime)."""
     ratio = tl.exp(lp - old)
-    if PG == 0:
-        u = ratio * adv
-        c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
-        clipped = c < u
-        pg = -tl.minimum(u, c)
-        # the clamp branch is active only when it is strictly smaller; on ties both branches carry -A*rho
-        dpg = tl.where(clipped, 0.0, -adv * ratio)
-    else:
-        pg = -ratio * adv
-        clipped = tl.zeros_like(pg) != 0.0
-        dpg = pg
+    u = ratio * adv
+    c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
+    clip = pg_mode == 0
+    clipped = (c < u) & clip
+    pg = tl.where(clip, -tl.minimum(u, c), -u)
+    # the clamp branch is active only when it is strictly smaller; on ties both branches carry -A*rho
+    dpg = tl.where(clipped, 0.0, -u)
     d = lp - ref
-    if KL == 1:
-        kl = d
-        dkl = tl.full(d.shape, 1.0, tl.float32)
-    elif KL == 2:
-        kl = 0.5 * d * d
-        dkl = d
-    else:
-        e = tl.exp(-d)
-        kl = e + d - 1.0
-        dkl = 1.0 - e
+    e = tl.exp(-d)
+    kl = tl.where(kl_mode == 1, d, tl.where(kl_mode == 2, 0.5 * d * d, e + d - 1.0))
+    dkl = tl.where(kl_mode == 1, 1.0, tl.where(kl_mode == 2, d, 1.0 - e))
     return pg, clipped, dpg, kl, dkl
 
 
 @triton.jit
 def _load_token(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, mask_ptr, seq_ptr, row_len,
-                HAS_LP: tl.constexpr, HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr,
-                SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr):
-    if SEQ_FROM_ROW:
-        seq = offs // row_len
-    else:
-        seq = tl.load(seq_ptr + offs, mask=valid, other=0).to(tl.int64)
+                HAS_LP: tl.constexpr, has_ref, has_w, has_tis, seq_from_row, adv_per_token):
+    # Absent inputs are masked loads that touch no memory (their pointers are placeholders) and take the neutral
+    # value instead; seq_from_row: padded [B, T] (sequence = row), else packed with sequence ids.
+    seq = tl.where(seq_from_row != 0, offs // row_len,
+                   tl.load(seq_ptr + offs, mask=valid & (seq_from_row == 0), other=0).to(tl.int64))
     m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.float32)
     m = tl.where(valid, m, 0.0)
     if HAS_LP:
@@ -109,44 +113,33 @@ def _load_token(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, 
     else:   # counting pass of the fused loss: no log-probs exist yet, and lp_ptr is a placeholder
         lp = tl.zeros_like(m)
     old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    ref = lp
-    if HAS_REF:
-        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ADV_PER_TOKEN:
-        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    else:
-        adv = tl.load(adv_ptr + seq, mask=valid, other=0.0).to(tl.float32)
-    w = tl.full(lp.shape, 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + seq, mask=valid, other=0.0).to(tl.float32)
-    tis = tl.full(lp.shape, 1.0, tl.float32)
-    if HAS_TIS:
-        tis = tl.load(tis_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ref = tl.where(has_ref != 0, tl.load(ref_ptr + offs, mask=valid & (has_ref != 0), other=0.0).to(tl.float32), lp)
+    adv_idx = tl.where(adv_per_token != 0, offs, seq)
+    adv = tl.load(adv_ptr + adv_idx, mask=valid, other=0.0).to(tl.float32)
+    w = tl.where(has_w != 0, tl.load(w_ptr + seq, mask=valid & (has_w != 0), other=0.0).to(tl.float32), 1.0)
+    tis = tl.where(has_tis != 0, tl.load(tis_ptr + offs, mask=valid & (has_tis != 0), other=0.0).to(tl.float32), 1.0)
     return seq, m, lp, old, ref, adv, w, tis
 
 
 @triton.jit
 def _accumulate(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, ent_ptr, mask_ptr, seq_ptr, acc_ptr,
-                row_len, eps_low, eps_high,
-                HAS_LP: tl.constexpr, HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr,
-                HAS_ENT: tl.constexpr, SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-                PG: tl.constexpr, KL: tl.constexpr, K: tl.constexpr):
+                row_len, eps_low, eps_high, HAS_LP: tl.constexpr, has_ref, has_w, has_tis, has_ent, seq_from_row,
+                adv_per_token, pg_mode, kl_mode, K: tl.constexpr):
     """Add this block's per-token terms into the per-sequence sums acc[seq * K + j]."""
     seq, m, lp, old, ref, adv, w, tis = _load_token(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr,
-                                                    mask_ptr, seq_ptr, row_len, HAS_LP, HAS_REF, HAS_W, HAS_TIS,
-                                                    SEQ_FROM_ROW, ADV_PER_TOKEN)
+                                                    mask_ptr, seq_ptr, row_len, HAS_LP, has_ref, has_w, has_tis,
+                                                    seq_from_row, adv_per_token)
     on = m != 0.0
     zero = tl.zeros_like(m)
     v_pg, v_klw, v_clip, v_kl, v_ent = zero, zero, zero, zero, zero
     if HAS_LP:
-        pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, PG, KL)
+        pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, pg_mode, kl_mode)
         v_pg = tl.where(on, m * tis * pg, 0.0)
         v_clip = tl.where(on & clipped, m, 0.0)
-        if HAS_REF:
-            v_klw = tl.where(on, m * w * kl, 0.0)
-            v_kl = tl.where(on, m * kl, 0.0)
-        if HAS_ENT:
-            v_ent = tl.where(on, m * tl.load(ent_ptr + offs, mask=valid, other=0.0).to(tl.float32), 0.0)
+        v_klw = tl.where(on & (has_ref != 0), m * w * kl, 0.0)
+        v_kl = tl.where(on & (has_ref != 0), m * kl, 0.0)
+        ent = tl.load(ent_ptr + offs, mask=valid & (has_ent != 0), other=0.0).to(tl.float32)
+        v_ent = tl.where(on & (has_ent != 0), m * ent, 0.0)
     s_lo = tl.min(tl.where(valid, seq, 2**62), axis=0)
     s_hi = tl.max(tl.where(valid, seq, -1), axis=0)
     if s_lo == s_hi:
@@ -172,13 +165,10 @@ def _accumulate(offs, valid, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, 
 
 
 @triton.jit
-def _agg_coef(n_s, AGG: tl.constexpr, tok_den, seq_den_mean, seq_den_norm):
-    if AGG == 0:
-        return tl.zeros_like(n_s) + 1.0 / tok_den
-    elif AGG == 1:
-        return 1.0 / (tl.maximum(n_s, 1.0) * seq_den_mean)
-    else:
-        return tl.zeros_like(n_s) + 1.0 / seq_den_norm
+def _agg_coef(n_s, agg, tok_den, seq_den_mean, seq_den_norm):
+    """Per-sequence weight of an AGG_MODES aggregation (runtime agg); the unselected forms may divide by zero."""
+    return tl.where(agg == 0, 1.0 / tok_den, tl.where(agg == 1, 1.0 / (tl.maximum(n_s, 1.0) * seq_den_mean),
+                                                       1.0 / seq_den_norm))
 
 
 @triton.jit
@@ -195,8 +185,7 @@ def _take(ptr, sm, RESET: tl.constexpr):
 
 @triton.jit
 def _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, num_seqs, norm_len, kl_coef,
-              entropy_coef, AGG: tl.constexpr, KL_AGG: tl.constexpr, HAS_NT: tl.constexpr, HAS_NS: tl.constexpr,
-              HAS_KL: tl.constexpr, ENT_BONUS: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
+              entropy_coef, agg, kl_agg, has_nt, has_ns, has_kl, ent_bonus, K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Sums -> coef [S, 2] (loss, KL aggregation weights), out [6] (loss + metrics), loss; leaves the sums zero.
     Run by one program, over S in blocks of BLOCK_S (pass 1: the normalisers, pass 2: the rest)."""
     tot = tl.zeros((BLOCK_S,), tl.float32)
@@ -207,14 +196,9 @@ def _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, 
         tot += n_s
         nonempty += tl.where(n_s > 0, 1.0, 0.0)
     n_tok = tl.sum(tot, axis=0)
-    tok_den = tl.maximum(n_tok, 1.0)
-    if HAS_NT:
-        tok_den = tl.maximum(num_tokens, 1.0)
-    seq_den_mean = tl.maximum(tl.sum(nonempty, axis=0), 1.0)
-    seq_den_norm = tl.maximum(n_seq_f, 1.0) * norm_len
-    if HAS_NS:
-        seq_den_mean = tl.maximum(num_seqs, 1.0)
-        seq_den_norm = tl.maximum(num_seqs, 1.0) * norm_len
+    tok_den = tl.where(has_nt != 0, tl.maximum(num_tokens, 1.0), tl.maximum(n_tok, 1.0))
+    seq_den_mean = tl.where(has_ns != 0, tl.maximum(num_seqs, 1.0), tl.maximum(tl.sum(nonempty, axis=0), 1.0))
+    seq_den_norm = tl.where(has_ns != 0, tl.maximum(num_seqs, 1.0), tl.maximum(n_seq_f, 1.0)) * norm_len
     pg = tl.zeros((BLOCK_S,), tl.float32)
     klt = tl.zeros((BLOCK_S,), tl.float32)
     ent = tl.zeros((BLOCK_S,), tl.float32)
@@ -225,8 +209,8 @@ def _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, 
         sm = idx < n_seq
         row = acc_ptr + idx * K
         n_s = _take(row, sm, True)
-        c_loss = _agg_coef(n_s, AGG, tok_den, seq_den_mean, seq_den_norm)
-        c_kl = _agg_coef(n_s, KL_AGG, tok_den, seq_den_mean, seq_den_norm)
+        c_loss = _agg_coef(n_s, agg, tok_den, seq_den_mean, seq_den_norm)
+        c_kl = _agg_coef(n_s, kl_agg, tok_den, seq_den_mean, seq_den_norm)
         tl.store(coef_ptr + idx * 2, c_loss, mask=sm)
         tl.store(coef_ptr + idx * 2 + 1, c_kl, mask=sm)
         pg += tl.where(sm, c_loss * _take(row + 1, sm, True), 0.0)
@@ -237,10 +221,8 @@ def _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, 
     pg_s, klt_s, ent_s = tl.sum(pg, axis=0), tl.sum(klt, axis=0), tl.sum(ent, axis=0)
     n_valid = tl.maximum(n_tok, 1.0)
     loss = pg_s
-    if HAS_KL:
-        loss += kl_coef * klt_s
-    if ENT_BONUS:
-        loss -= entropy_coef * ent_s
+    loss += tl.where(has_kl != 0, kl_coef * klt_s, 0.0)
+    loss -= tl.where(ent_bonus != 0, entropy_coef * ent_s, 0.0)
     tl.store(out_ptr + 0, loss)
     tl.store(loss_ptr, loss)
     tl.store(out_ptr + 1, pg_s)
@@ -250,20 +232,17 @@ def _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, 
     tl.store(out_ptr + 5, ent_s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_PTRS)
 def _forward_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, ent_ptr, mask_ptr, seq_ptr, acc_ptr,
                     ticket_ptr, coef_ptr, out_ptr, loss_ptr, n, row_len, eps_low, eps_high, n_seq, n_seq_f,
-                    num_tokens, num_seqs, norm_len, kl_coef, entropy_coef,
-                    HAS_LP: tl.constexpr, HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr,
-                    HAS_ENT: tl.constexpr, SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-                    PG: tl.constexpr, KL: tl.constexpr, AGG: tl.constexpr, KL_AGG: tl.constexpr,
-                    HAS_NT: tl.constexpr, HAS_NS: tl.constexpr, HAS_KL: tl.constexpr, ENT_BONUS: tl.constexpr,
-                    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+                    num_tokens, num_seqs, norm_len, kl_coef, entropy_coef, has_ref, has_w, has_tis, has_ent,
+                    seq_from_row, adv_per_token, pg_mode, kl_mode, agg, kl_agg, has_nt, has_ns, has_kl, ent_bonus,
+                    HAS_LP: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     """The whole forward: per-sequence sums by atomics, then the last program to finish finalizes (see module)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     _accumulate(offs, offs < n, lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, ent_ptr, mask_ptr, seq_ptr,
-                acc_ptr, row_len, eps_low, eps_high, HAS_LP, HAS_REF, HAS_W, HAS_TIS, HAS_ENT, SEQ_FROM_ROW,
-                ADV_PER_TOKEN, PG, KL, K)
+                acc_ptr, row_len, eps_low, eps_high, HAS_LP, has_ref, has_w, has_tis, has_ent, seq_from_row,
+                adv_per_token, pg_mode, kl_mode, K)
     # Every thread's atomics (acq_rel, gpu scope) must be performed before this program's ticket is drawn: the
     # barrier orders them before thread 0's ticket atomic, whose release then publishes them with it.
     tl.debug_barrier()
@@ -271,45 +250,39 @@ def _forward_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, ent_ptr, 
     if ticket == tl.num_programs(0) - 1:
         # all other programs have drawn theirs, so all their sums are in (acquire side of the ticket)
         _finalize(acc_ptr, coef_ptr, out_ptr, loss_ptr, n_seq, n_seq_f, num_tokens, num_seqs, norm_len, kl_coef,
-                  entropy_coef, AGG, KL_AGG, HAS_NT, HAS_NS, HAS_KL, ENT_BONUS, K, BLOCK_S)
+                  entropy_coef, agg, kl_agg, has_nt, has_ns, has_kl, ent_bonus, K, BLOCK_S)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_PTRS)
 def _grad_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr, mask_ptr, seq_ptr, coef_ptr, g_ptr,
                  glp_ptr, gent_ptr, start, end, row_len, eps_low, eps_high, kl_coef, entropy_coef,
-                 HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_TIS: tl.constexpr, HAS_KL: tl.constexpr,
-                 ENT_BONUS: tl.constexpr, SEQ_FROM_ROW: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-                 LP_LOCAL: tl.constexpr, PG: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
-    """dL/dlogp (and dL/dentropy) for tokens [start, end), written at offset - start. LP_LOCAL: lp_ptr holds only
-    that range (the chunk of the fused log-prob pass)."""
+                 has_ref, has_w, has_tis, has_kl, ent_bonus, seq_from_row, adv_per_token, lp_local, pg_mode, kl_mode,
+                 BLOCK: tl.constexpr):
+    """dL/dlogp (and, with ent_bonus, dL/dentropy) for tokens [start, end), written at offset - start.
+    lp_local: lp_ptr holds only that range (the chunk of the fused log-prob pass)."""
     local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs = start + local
     valid = offs < end
-    if LP_LOCAL:
-        lp_base = lp_ptr - start
-    else:
-        lp_base = lp_ptr
+    lp_base = lp_ptr - start * lp_local
     seq, m, lp, old, ref, adv, w, tis = _load_token(offs, valid, lp_base, old_ptr, ref_ptr, adv_ptr, w_ptr, tis_ptr,
-                                                    mask_ptr, seq_ptr, row_len, True, HAS_REF, HAS_W, HAS_TIS,
-                                                    SEQ_FROM_ROW, ADV_PER_TOKEN)
+                                                    mask_ptr, seq_ptr, row_len, True, has_ref, has_w, has_tis,
+                                                    seq_from_row, adv_per_token)
     g = tl.load(g_ptr).to(tl.float32)
     c_loss = tl.load(coef_ptr + seq * 2, mask=valid, other=0.0)
-    pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, PG, KL)
+    pg, clipped, dpg, kl, dkl = _token_terms(lp, old, ref, adv, eps_low, eps_high, pg_mode, kl_mode)
     d = tis * c_loss * dpg
-    if HAS_KL:
-        c_kl = tl.load(coef_ptr + seq * 2 + 1, mask=valid, other=0.0)
-        d += kl_coef * w * c_kl * dkl
+    c_kl = tl.load(coef_ptr + seq * 2 + 1, mask=valid & (has_kl != 0), other=0.0)
+    d += tl.where(has_kl != 0, kl_coef * w * c_kl * dkl, 0.0)
     on = m != 0.0
     tl.store(glp_ptr + local, tl.where(on, g * m * d, 0.0), mask=valid)
-    if ENT_BONUS:
-        tl.store(gent_ptr + local, tl.where(on, -g * entropy_coef * m * c_loss, 0.0), mask=valid)
+    tl.store(gent_ptr + local, tl.where(on, -g * entropy_coef * m * c_loss, 0.0), mask=valid & (ent_bonus != 0))
 
 
 # --------------------------------------------------------------------------------------------------- launcher
 @dataclass
 class _Batch:
-    """Flat token tensors and the constexpr flags that describe them."""
+    """Flat token tensors in the kernels' dtypes, and the layout that describes them."""
     lp: Optional[torch.Tensor]
     old: torch.Tensor
     ref: Optional[torch.Tensor]
@@ -327,9 +300,10 @@ class _Batch:
 
 def flatten_batch(logp, logp_old, advantages, mask, *, seq_index=None, logp_ref=None, kl_weight=None,
                   tis_weight=None, entropy=None) -> _Batch:
-    """Normalise [B, T] or packed [N] (+ seq_index) inputs into flat contiguous tensors; no copies when possible."""
-    def flat(x):
-        return None if x is None else x.reshape(-1).contiguous()
+    """Normalise [B, T] or packed [N] (+ seq_index) inputs into flat contiguous tensors in the dtypes the kernels
+    are compiled for: fp32 floats, a bool or fp32 mask, int64 sequence ids (no copies when they already are)."""
+    def flat(x, dtype=torch.float32):
+        return None if x is None else x.reshape(-1).contiguous().to(dtype)
 
     if seq_index is None:
         if logp_old.dim() != 2:
@@ -339,11 +313,12 @@ def flatten_batch(logp, logp_old, advantages, mask, *, seq_index=None, logp_ref=
         seq, row_len = None, t
     else:
         b, row_len, per_token = advantages.shape[0], 1, False
-        seq = flat(seq_index)
+        seq = flat(seq_index, torch.int64)
         if advantages.dim() != 1:
             raise ValueError("policy_loss: packed inputs take per-sequence advantages [S]")
     return _Batch(flat(logp), flat(logp_old), flat(logp_ref), flat(advantages), flat(kl_weight), flat(tis_weight),
-                  flat(entropy), flat(mask), seq, row_len, b, per_token)
+                  flat(entropy), flat(mask, torch.bool if mask.dtype == torch.bool else torch.float32), seq,
+                  max(row_len, 1), b, per_token)
 
 
 def _cfg(s):
@@ -357,8 +332,17 @@ def _cfg(s):
 
 
 def _flags(bt: _Batch, s):
-    return dict(HAS_REF=bt.ref is not None, HAS_W=bt.w is not None, HAS_TIS=bt.tis is not None,
-                SEQ_FROM_ROW=bt.seq is None, ADV_PER_TOKEN=bt.adv_per_token)
+    """The runtime flags both kernels take (ints, so that the launch never specialises on them)."""
+    pg, kl, _, _ = _cfg(s)
+    return dict(has_ref=int(bt.ref is not None), has_w=int(bt.w is not None), has_tis=int(bt.tis is not None),
+                seq_from_row=int(bt.seq is None), adv_per_token=int(bt.adv_per_token), pg_mode=pg, kl_mode=kl)
+
+
+def _block(dev: torch.device, n: int, block: Optional[int]) -> int:
+    """Tokens per program: fixed on a GPU (one compiled kernel for every batch size); the interpreter runs each
+    program in Python, so small batches take one small program there."""
+    block = block or BLOCK
+    return block if on_gpu(dev) else min(block, next_pow2(n))
 
 
 # Per (device, stream) workspace of the forward: fp32 sums [cap * K] then one int32 ticket counter, in one buffer.
@@ -387,7 +371,7 @@ def seq_coefficients(bt: _Batch, s, num_tokens, num_seqs, with_lp: bool, block: 
     loss 0-d: the same loss in its own tensor, so autograd never sees a view of `out`).
 
     with_lp=False only counts tokens (the fused log-prob pass needs the weights before any log-prob exists)."""
-    pg, kl, agg, kl_agg = _cfg(s)
+    _, _, agg, kl_agg = _cfg(s)
     n = bt.mask.numel()
     dev = bt.mask.device
     acc, ticket = _workspace(dev, bt.n_seq)
@@ -395,20 +379,21 @@ def seq_coefficients(bt: _Batch, s, num_tokens, num_seqs, with_lp: bool, block: 
     out = torch.empty(6, dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     dummy = acc
-    block = min(block or BLOCK, next_pow2(n))
+    no_seq = bt.seq if bt.seq is not None else torch.empty(1, dtype=torch.int64, device=dev)  # same dtype: one variant
+    block = _block(dev, n, block)
+    block_s = 1024 if on_gpu(dev) else min(1024, next_pow2(bt.n_seq))
     try:
         # at least one program, even for n = 0: the last (only) program is the one that writes the outputs
         _forward_kernel[(max(1, triton.cdiv(n, block)),)](
             bt.lp if with_lp else dummy, bt.old, bt.ref if bt.ref is not None else dummy, bt.adv,
             bt.w if bt.w is not None else dummy, bt.tis if bt.tis is not None else dummy,
-            bt.ent if bt.ent is not None else dummy, bt.mask, bt.seq if bt.seq is not None else dummy, acc, ticket,
+            bt.ent if bt.ent is not None else dummy, bt.mask, no_seq, acc, ticket,
             coef, out, loss, n, bt.row_len, float(s.clip_eps_low), float(s.clip_eps_high), bt.n_seq,
             float(bt.n_seq), float(num_tokens or 0.0), float(num_seqs or 0.0), float(s.loss_agg_norm_len or 0),
-            float(s.kl_coef), float(s.entropy_coef),
-            HAS_LP=with_lp, HAS_ENT=bt.ent is not None, PG=pg, KL=kl, AGG=agg, KL_AGG=kl_agg,
-            HAS_NT=num_tokens is not None, HAS_NS=num_seqs is not None, HAS_KL=s.kl_coef > 0,
-            ENT_BONUS=bt.ent is not None and s.entropy_coef > 0, K=_K, BLOCK=block,
-            BLOCK_S=min(1024, next_pow2(bt.n_seq)), **_flags(bt, s))
+            float(s.kl_coef), float(s.entropy_coef), has_ent=int(bt.ent is not None), agg=agg, kl_agg=kl_agg,
+            has_nt=int(num_tokens is not None), has_ns=int(num_seqs is not None), has_kl=int(s.kl_coef > 0),
+            ent_bonus=int(bt.ent is not None and s.entropy_coef > 0), **_flags(bt, s),
+            HAS_LP=with_lp, K=_K, BLOCK=block, BLOCK_S=block_s, num_warps=WARPS)
     except BaseException:
         _WORKSPACE.pop(_workspace_key(dev), None)   # a launch stopped midway may have left partial sums behind
         raise
@@ -420,20 +405,20 @@ def token_grads(bt: _Batch, s, coef, g, start: int, end: int, lp_local=None, ent
     """dL/dlogp [end-start] (and dL/dentropy, or None) for tokens [start, end); g: a 1-element upstream gradient.
 
     lp_local: log-probs of just that range (the fused pass); default: bt.lp."""
-    pg, kl, _, _ = _cfg(s)
     n = end - start
     dev = bt.mask.device
     glp = torch.empty(n, dtype=torch.float32, device=dev)
     bonus = (bt.ent is not None if ent_bonus is None else ent_bonus) and s.entropy_coef > 0
     gent = torch.empty(n, dtype=torch.float32, device=dev) if bonus else None
-    block = min(block or BLOCK, next_pow2(n))
+    block = _block(dev, n, block)
+    no_seq = bt.seq if bt.seq is not None else torch.empty(1, dtype=torch.int64, device=dev)
     _grad_kernel[(triton.cdiv(n, block),)](
         lp_local if lp_local is not None else bt.lp, bt.old, bt.ref if bt.ref is not None else coef, bt.adv,
         bt.w if bt.w is not None else coef, bt.tis if bt.tis is not None else coef, bt.mask,
-        bt.seq if bt.seq is not None else coef, coef, g, glp, gent if bonus else glp, start, end, bt.row_len,
+        no_seq, coef, g, glp, gent if bonus else glp, start, end, bt.row_len,
         float(s.clip_eps_low), float(s.clip_eps_high), float(s.kl_coef), float(s.entropy_coef),
-        HAS_KL=s.kl_coef > 0, ENT_BONUS=bonus, LP_LOCAL=lp_local is not None, PG=pg, KL=kl, BLOCK=block,
-        **_flags(bt, s))
+        has_kl=int(s.kl_coef > 0), ent_bonus=int(bonus), lp_local=int(lp_local is not None), **_flags(bt, s),
+        BLOCK=block, num_warps=WARPS)
     return glp, gent
 
 

@@ -15,6 +15,7 @@ autouse ones by name: `from kernel_harness import _record_name, poison  # noqa: 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -134,10 +135,21 @@ def close(actual, expected, tol, what):
 
 def make_lm(n, h, v, dtype, seed=0, scale=0.4):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * scale
-    targets = torch.randint(0, v, (n,), generator=g)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, device="cpu")
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, device="cpu") * scale
+    targets = torch.randint(0, v, (n,), generator=g, device="cpu")
     return hidden.to(dtype).to(DEV), weight.to(dtype).to(DEV), targets.to(DEV)
+
+
+def host_randn(*shape, generator):
+    """Random numbers drawn on the host (seeded, the same on any machine) and moved to the test device."""
+    return torch.randn(*shape, generator=generator, device="cpu").to(DEV)
+
+
+def foreign_default_device():
+    """A context in which tensors made without a device land on a device other than DEV, as they do on a GPU run
+    (the default device is the CPU there): a test's tensor that misses `.to(DEV)` then fails on the CPU too."""
+    return torch.device("meta") if DEV == "cpu" else contextlib.nullcontext()
 
 
 def leaf(x, dtype=None):
@@ -198,15 +210,16 @@ def oracle_logits_dtype(dtype, logits_dtype):
 
 def rl_batch(b=5, t=13, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    lp = torch.randn(b, t, generator=g, dtype=torch.float64) * 0.3 - 1.0
+    f64 = dict(generator=g, dtype=torch.float64, device="cpu")
+    lp = torch.randn(b, t, **f64) * 0.3 - 1.0
     d = dict(logp=lp,
-             logp_old=lp + 0.25 * torch.randn(b, t, generator=g, dtype=torch.float64),
-             logp_ref=lp + 0.25 * torch.randn(b, t, generator=g, dtype=torch.float64),
-             advantages=torch.randn(b, generator=g, dtype=torch.float64),
-             mask=torch.rand(b, t, generator=g) > 0.3,
-             kl_weight=torch.rand(b, generator=g, dtype=torch.float64),
-             tis_weight=torch.rand(b, t, generator=g, dtype=torch.float64) + 0.5,
-             entropy=torch.rand(b, t, generator=g, dtype=torch.float64) * 3)
+             logp_old=lp + 0.25 * torch.randn(b, t, **f64),
+             logp_ref=lp + 0.25 * torch.randn(b, t, **f64),
+             advantages=torch.randn(b, **f64),
+             mask=torch.rand(b, t, generator=g, device="cpu") > 0.3,
+             kl_weight=torch.rand(b, **f64),
+             tis_weight=torch.rand(b, t, **f64) + 0.5,
+             entropy=torch.rand(b, t, **f64) * 3)
     if b > 3:
         d["mask"][1] = False                 # an empty sequence
         d["mask"][3, :2] = False

@@ -1,6 +1,6 @@
 """Tests of kernels/fused_logprob.py against an fp64 PyTorch reference, plus the checks that span every kernel:
-sm_90 compilation and PTX ordering without a GPU, the plain-CPU fallback, no imports from megaapo, and
-vocab-parallel TP=2 on gloo (fused_logprob and fused_policy_loss). How they run (a TRITON_INTERPRET=1 child
+PTX ordering without a GPU, the plain-CPU fallback, no imports from megaapo, and vocab-parallel TP=2 on gloo
+(fused_logprob and fused_policy_loss). Every kernel variant is compiled by tests/test_kernels_compile.py. How they run (a TRITON_INTERPRET=1 child
 pytest without CUDA, directly on a GPU with it) and the shared helpers: tests/kernel_harness.py.
 """
 
@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the spawned TP workers import this module and kernel_harness by name
 
 from kernel_harness import (  # noqa: E402
-    DEV, INTERPRET, MODES, ROOT, SMALL, TOL, close, kernel_test, leaf, make_lm, oracle_logits_dtype, rl_batch,
-    settings)
+    DEV, INTERPRET, MODES, ROOT, SMALL, TOL, close, foreign_default_device, host_randn, kernel_test, leaf, make_lm,
+    oracle_logits_dtype, rl_batch, settings)
 from kernel_harness import _record_name, poison  # noqa: E402,F401  (autouse fixtures)
 
 
@@ -96,6 +96,89 @@ def test_fused_logprob_65537_rows():
     close(x.grad, xr.grad, 1e-5, "grad hidden")
 
 
+# ------------------------------------------------------------------------------- launch choices (no kernel runs)
+ANCHOR_SHAPES = [("3B", 2048, 151936), ("7B", 3584, 152064)]
+
+
+@pytest.mark.skipif(INTERPRET, reason="pure arithmetic; runs in the parent process")
+@pytest.mark.parametrize("dw", ["fp32 main_grad", "bf16 dW"])
+def test_gradient_chunks_keep_dw_traffic_under_a_tenth_of_the_matmuls(dw):
+    """Each gradient chunk reads and writes all of dW [V, H] once (cuBLAS's addmm into main_grad). At the ANCHORS
+    shapes (3B, 7B; 8k and 32k tokens) the chunking the launcher picks keeps that traffic under 10% of the three
+    GEMMs' time on an H100 (735 TFLOP/s: 6 N H V in 20.8 ms at 3B N=8192; 3.0 TB/s read + write), with a logits
+    workspace of at most 1.2 GiB (Liger's whole op peaks at 1.0-1.8 GiB there; its dW, which ours adds to
+    main_grad, is 0.6-1.0 GiB of that). The old fixed 256 MiB workspace gave 832-row chunks: 40% at 3B/32k."""
+    import math
+
+    from kernels.fused_logprob import LaunchConfig, _chunks
+    flops, bandwidth = 735e12, 3.0e12
+    dw_elem = 4 if dw == "fp32 main_grad" else 2
+    for (_, h, v), n in [(shape, n) for shape in ANCHOR_SHAPES for n in (8192, 32768)]:
+        rows, cols = _chunks(LaunchConfig(), n, v, 2, dw_elem)
+        assert cols == v, "a gradient chunk spans the whole vocabulary"
+        traffic = math.ceil(n / rows) * 2 * v * h * dw_elem / bandwidth
+        matmul = 6 * n * h * v / flops
+        assert traffic / matmul <= 0.10, f"H={h} N={n}: {rows}-row chunks, dW traffic {traffic / matmul:.0%}"
+        assert rows * cols * 2 <= 1.2 * 2**30, f"H={h} N={n}: workspace {rows * cols * 2 / 2**30:.2f} GiB"
+
+
+class _TorchWithoutOutDtype:
+    """`torch` as torch 2.7 has it for this purpose: mm / addmm reject out_dtype (a missing API cannot be caused
+    with the installed torch; everything else is the real torch)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def mm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        return torch.mm(*args, **kwargs)
+
+    @staticmethod
+    def addmm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+        return torch.addmm(*args, **kwargs)
+
+
+@pytest.mark.skipif(INTERPRET, reason="fake CUDA tensors; runs in the parent process")
+def test_fp32_output_gemm_fallback_warns_once_with_its_cause(monkeypatch):
+    """Without cuBLAS's fp32-output GEMM the weight gradient into an fp32 main_grad (and fp32 logits) fall back to
+    fp32-upcast matmuls, ~10x slower: one warning says so and why, however often the fallback runs. On CUDA tensors
+    only (faked: FakeTensorMode, no GPU here); with the installed torch the GEMM is there and nothing is said."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import kernels.fused_logprob as fl
+
+    def run():
+        dw = torch.zeros(64, 16, device="cuda")
+        dz, h = (torch.zeros(32, k, dtype=torch.bfloat16, device="cuda") for k in (64, 16))
+        fl._accumulate_wgrad(dw, dz, h, first=False)
+        fl._mm_into(torch.zeros(32, 64, device="cuda"), h, torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda"))
+        assert dw.dtype == torch.float32
+
+    with FakeTensorMode():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monkeypatch.setattr(fl, "torch", _TorchWithoutOutDtype())
+            monkeypatch.setattr(fl, "_FP32_OUT", {}, raising=False)
+            run()
+            run()
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        msg = str(caught[0].message)
+        assert caught[0].category is RuntimeWarning
+        assert "out_dtype" in msg and "TypeError" in msg and "10x slower" in msg and torch.__version__ in msg
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monkeypatch.setattr(fl, "torch", torch)       # the installed torch (>= 2.10) has the GEMM
+            monkeypatch.setattr(fl, "_FP32_OUT", {})
+            run()
+        assert not caught and fl.fp32_output_gemm(torch.device("cuda"), torch.bfloat16)
+
+
 # -------------------------------------------------------------------------------------------- every kernel
 def test_kernels_import_nothing_from_megaapo():
     import re
@@ -103,74 +186,27 @@ def test_kernels_import_nothing_from_megaapo():
         assert not re.search(r"^\s*(from|import)\s+megaapo\b", path.read_text(), re.M), path
 
 
-def _sig(**kw):
-    return kw
-
-
-COMPILE_CASES = [   # (module, kernel, runtime signature, constexprs): one or two variants per kernel, most flags on
-    ("fused_logprob", "_row_stats_kernel",
-     _sig(z_ptr="*bf16", stride_z="i32", n_rows="i32", n_cols="i32", col_start="i32", tgt_ptr="*i64", inv_t="fp32",
-          m_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32", zt_ptr="*fp32", lse_ptr="*fp32", ez_ptr="*fp32",
-          logp_ptr="*fp32", ent_ptr="*fp32"),
-     dict(ACCUM=True, FINALIZE=True, WANT_ENT=True, BLOCK_R=1, BLOCK_V=4096)),
-    ("fused_logprob", "_row_grad_kernel",
-     _sig(z_ptr="*fp32", stride_z="i32", dz_ptr="*bf16", stride_dz="i32", n_rows="i32", n_cols="i32",
-          col_start="i32", tgt_ptr="*i64", inv_t="fp32", lse_ptr="*fp32", ez_ptr="*fp32", a_ptr="*fp32",
-          b_ptr="*fp32"),
-     dict(HAS_B=True, BLOCK_R=1, BLOCK_V=4096)),
-    ("policy_loss", "_forward_kernel",
-     _sig(lp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", w_ptr="*fp32", tis_ptr="*fp32",
-          ent_ptr="*fp32", mask_ptr="*i1", seq_ptr="*i64", acc_ptr="*fp32", ticket_ptr="*i32", coef_ptr="*fp32",
-          out_ptr="*fp32", loss_ptr="*fp32", n="i32", row_len="i32", eps_low="fp32", eps_high="fp32", n_seq="i32",
-          n_seq_f="fp32", num_tokens="fp32", num_seqs="fp32", norm_len="fp32", kl_coef="fp32",
-          entropy_coef="fp32"),
-     dict(HAS_LP=True, HAS_REF=True, HAS_W=True, HAS_TIS=True, HAS_ENT=True, SEQ_FROM_ROW=False,
-          ADV_PER_TOKEN=False, PG=0, KL=3, AGG=1, KL_AGG=2, HAS_NT=True, HAS_NS=False, HAS_KL=True,
-          ENT_BONUS=True, K=6, BLOCK=1024, BLOCK_S=1024)),
-    ("policy_loss", "_grad_kernel",
-     _sig(lp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", w_ptr="*fp32", tis_ptr="*fp32",
-          mask_ptr="*i1", seq_ptr="*i64", coef_ptr="*fp32", g_ptr="*fp32", glp_ptr="*fp32", gent_ptr="*fp32",
-          start="i32", end="i32", row_len="i32", eps_low="fp32", eps_high="fp32", kl_coef="fp32",
-          entropy_coef="fp32"),
-     dict(HAS_REF=True, HAS_W=True, HAS_TIS=True, HAS_KL=True, ENT_BONUS=True, SEQ_FROM_ROW=False,
-          ADV_PER_TOKEN=False, LP_LOCAL=True, PG=0, KL=1, BLOCK=1024)),
-    ("group_advantage", "_group_adv_kernel",
-     _sig(r_ptr="*fp32", g_ptr="*i64", c_ptr="*i8", len_ptr="*i64", adv_ptr="*fp32", klw_ptr="*fp32",
-          mult_ptr="*fp32", diff_ptr="*fp32", pos_ptr="*i8", n="i32", eps="fp32", ln_base="fp32"),
-     dict(EST=0, UNBIASED=True, HAS_APO=True, DADS=True, STCR=True, CODE=False, BLOCK_O=32, BLOCK_I=128)),
-]
-
-
-def compile_for_h100(case):
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    module, name, sig, consts = case
-    fn = getattr(importlib.import_module(f"kernels.{module}"), name)
-    full = {a: ("constexpr" if a in consts else sig[a]) for a in fn.arg_names}
-    src = ASTSource(fn, full, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
-
-
-@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter child has only Python ones")
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: c[1])
-def test_kernels_compile_for_h100(case):
-    """The interpreter accepts code the GPU compiler rejects (types across branches, pointer/scalar mixes), so
-    each kernel is also compiled to sm_90 machine code here; this needs Triton's bundled LLVM and ptxas, no GPU."""
-    assert compile_for_h100(case).asm["cubin"]
-
-
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernel; the interpreter child has only Python ones")
 def test_policy_loss_ticket_ordering_in_ptx():
     """The interpreter runs programs one after another, so it cannot show the memory ordering of the forward's
     last-program-finalizes pattern; the sm_90 PTX can: a CTA barrier right before the single ticket atomic
     (acq_rel, gpu scope), every sum atomic at gpu scope, and the finalize reading and resetting the sums with
-    atomics (exch), never plain loads."""
+    atomics (exch), never plain loads. The kernel is the one policy_loss launches (kernels.compile_check records
+    the launch and binds it as Triton would)."""
     import re
-    case = next(c for c in COMPILE_CASES if c[1] == "_forward_kernel")
-    code = [ln.strip() for ln in compile_for_h100(case).asm["ptx"].splitlines()
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import compile_check as cc
+    with cc.recording() as log:
+        cc.drive_policy_loss()
+    launch = next(x for x in log if x.name == "_forward_kernel" and x.kwargs["HAS_LP"])
+    signature, constexprs, attrs, options = cc._bind(launch, 90)
+    ptx = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                         options=options.__dict__).asm["ptx"]
+    code = [ln.strip() for ln in ptx.splitlines()
             if ln.strip() and not ln.strip().startswith(("//", ".loc", "$L__tmp"))]
     tickets = [i for i, ln in enumerate(code) if re.search(r"atom\.global\.gpu\.acq_rel\.add\.u32", ln)]
     assert len(tickets) == 1, "one ticket atomic"
@@ -198,53 +234,58 @@ def test_cpu_fallback_is_the_reference():
 # ------------------------------------------------------------------------------------------- TP=2 on gloo
 def _tp_worker(rank, world, init_file, result_dir):
     import torch.distributed as dist
-    from kernels.fused_logprob import LaunchConfig, fused_logprob
-    from kernels.fused_policy_loss import fused_policy_loss
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        n, h, v = 37, 48, 101                           # V odd: shards of 51 and 50 rows
-        hidden, weight, targets = make_lm(n, h, v, torch.float32, seed=9)
-        lo, hi = (0, 51) if rank == 0 else (51, 101)
-        cfg = LaunchConfig(**SMALL)
-        g = torch.Generator().manual_seed(2)
-        g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
-        out = {}
-        for tp in (None, dist.group.WORLD):
-            x = leaf(hidden)
-            w = leaf(weight if tp is None else weight[lo:hi])
-            # TP=2: rank 1's shard start is given explicitly (unequal shards); the default rank * V_local would
-            # be 50 here, not 51
-            lp, ent = fused_logprob(x, w, targets, 0.8, return_entropy=True, tp_group=tp,
-                                    vocab_start=None if tp is None else lo, config=cfg)
-            (lp * g_lp + ent * g_ent).sum().backward()
-            out[tp is None] = (lp.detach(), ent.detach(), x.grad, w.grad)
-        one, two = out[True], out[False]
-        for name, a, b in [("logp", two[0], one[0]), ("entropy", two[1], one[1]), ("grad hidden", two[2], one[2]),
-                           ("grad weight shard", two[3], one[3][lo:hi])]:
-            close(a, b, 1e-5, f"TP=2 vs TP=1 {name}")
-        # equal shards (Megatron's layout): vocab_start defaults to rank * V_local, as megaapo.models.logprob assumes
-        w_even = torch.cat([weight, weight[:1]])
-        lp1, _ = fused_logprob(hidden, w_even, targets, config=cfg)
-        lp2, _ = fused_logprob(hidden, w_even[rank * 51:(rank + 1) * 51], targets, tp_group=dist.group.WORLD,
-                               config=cfg)
-        close(lp2, lp1, 1e-5, "TP=2 default vocab_start")
-        s = settings(loss_agg="seq_mean_token_mean")
-        b = rl_batch(b=1, t=n, seed=5, dtype=torch.float32)
-        losses = {}
-        for tp in (None, dist.group.WORLD):
-            x = leaf(hidden)
-            w = leaf(weight if tp is None else weight[lo:hi])
-            loss, _ = fused_policy_loss(x, w, targets.view(1, n), b["logp_old"], b["advantages"], b["mask"], s,
-                                        logp_ref=b["logp_ref"], tp_group=tp, vocab_start=0 if tp is None else lo,
-                                        config=cfg)
-            loss.backward()
-            losses[tp is None] = (loss.detach(), x.grad, w.grad)
-        close(losses[False][0], losses[True][0], 1e-5, "TP=2 fused loss")
-        close(losses[False][1], losses[True][1], 1e-5, "TP=2 fused grad hidden")
-        close(losses[False][2], losses[True][2][lo:hi], 1e-5, "TP=2 fused grad weight shard")
+        with foreign_default_device():   # every tensor here must be on DEV (on a GPU run: cuda, not the CPU)
+            _tp_checks(rank, dist)
         (Path(result_dir) / f"ok{rank}").write_text("ok")
     finally:
         dist.destroy_process_group()
+
+
+def _tp_checks(rank, dist):
+    from kernels.fused_logprob import LaunchConfig, fused_logprob
+    from kernels.fused_policy_loss import fused_policy_loss
+    n, h, v = 37, 48, 101                           # V odd: shards of 51 and 50 rows
+    hidden, weight, targets = make_lm(n, h, v, torch.float32, seed=9)
+    lo, hi = (0, 51) if rank == 0 else (51, 101)
+    cfg = LaunchConfig(**SMALL)
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_ent = host_randn(n, generator=g), host_randn(n, generator=g)
+    out = {}
+    for tp in (None, dist.group.WORLD):
+        x = leaf(hidden)
+        w = leaf(weight if tp is None else weight[lo:hi])
+        # TP=2: rank 1's shard start is given explicitly (unequal shards); the default rank * V_local would
+        # be 50 here, not 51
+        lp, ent = fused_logprob(x, w, targets, 0.8, return_entropy=True, tp_group=tp,
+                                vocab_start=None if tp is None else lo, config=cfg)
+        (lp * g_lp + ent * g_ent).sum().backward()
+        out[tp is None] = (lp.detach(), ent.detach(), x.grad, w.grad)
+    one, two = out[True], out[False]
+    for name, a, b in [("logp", two[0], one[0]), ("entropy", two[1], one[1]), ("grad hidden", two[2], one[2]),
+                       ("grad weight shard", two[3], one[3][lo:hi])]:
+        close(a, b, 1e-5, f"TP=2 vs TP=1 {name}")
+    # equal shards (Megatron's layout): vocab_start defaults to rank * V_local, as megaapo.models.logprob assumes
+    w_even = torch.cat([weight, weight[:1]])
+    lp1, _ = fused_logprob(hidden, w_even, targets, config=cfg)
+    lp2, _ = fused_logprob(hidden, w_even[rank * 51:(rank + 1) * 51], targets, tp_group=dist.group.WORLD,
+                           config=cfg)
+    close(lp2, lp1, 1e-5, "TP=2 default vocab_start")
+    s = settings(loss_agg="seq_mean_token_mean")
+    b = rl_batch(b=1, t=n, seed=5, dtype=torch.float32)
+    losses = {}
+    for tp in (None, dist.group.WORLD):
+        x = leaf(hidden)
+        w = leaf(weight if tp is None else weight[lo:hi])
+        loss, _ = fused_policy_loss(x, w, targets.view(1, n), b["logp_old"], b["advantages"], b["mask"], s,
+                                    logp_ref=b["logp_ref"], tp_group=tp, vocab_start=0 if tp is None else lo,
+                                    config=cfg)
+        loss.backward()
+        losses[tp is None] = (loss.detach(), x.grad, w.grad)
+    close(losses[False][0], losses[True][0], 1e-5, "TP=2 fused loss")
+    close(losses[False][1], losses[True][1], 1e-5, "TP=2 fused grad hidden")
+    close(losses[False][2], losses[True][2][lo:hi], 1e-5, "TP=2 fused grad weight shard")
 
 
 @kernel_test
