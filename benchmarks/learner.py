@@ -7,7 +7,10 @@
 
 Both sides do the same work per step: a forward and backward of `--batch` sequences of `--seq` tokens with a loss on
 every token's log-prob, then an AdamW step (ours: megatron-core's DDP buffers + distributed optimizer, `optim.impl`
-auto on GPU, with the fused log-prob kernel adding the lm_head gradient into megatron's fp32 main_grad). MFU counts model FLOPs (6 N per token + attention), not recompute.
+auto on GPU, with the fused log-prob kernel adding the lm_head gradient into megatron's fp32 main_grad). MFU counts
+model FLOPs (6 N per token + attention), not recompute. The two run one after the other in one process: the
+megatron learner (and megatron's parallel state) is freed before the HF model loads, and each side's peak memory
+is counted from a fresh peak counter, above what was allocated before it started.
 The anchors (../shared/ANCHORS.md, one H100): HF 41% MFU; plain megatron-core with SDPA 48.5% at 2 x 4096.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import gc
 import os
 import sys
 import tempfile
@@ -47,9 +50,32 @@ def fpt(shape, seq: int) -> float:
                            num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
 
 
+def fresh_device() -> int:
+    """Free what earlier work left and restart the device's peak-memory counter; returns the bytes still allocated.
+    The cycle collector runs first: megatron's modules, DDP hooks and optimizer reference each other, so a learner
+    that went out of scope keeps its GPU memory until a collection finds the cycle."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def measured(bench, *args) -> dict:
+    """bench(*args) from a fresh device, with everything it built freed afterwards. Adds peak_gib (the peak above
+    what was allocated before it) and left_gib (what it left allocated: ~0 unless something still holds it)."""
+    base = fresh_device()
+    result = bench(*args)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else float("nan")
+    left = (fresh_device() - base) / 2**30 if torch.cuda.is_available() else float("nan")
+    return dict(result, peak_gib=peak, left_gib=left)
+
+
 def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str, optim: str) -> dict:
     from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
-    from megaapo.distributed import init_distributed
+    from megaapo.distributed import destroy, init_distributed
     from megaapo.learner import Learner
     from megaapo.sft import nll_loss
 
@@ -67,9 +93,11 @@ def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str, opti
         learner.train_step(samples, loss)
         _sync()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"seconds": sorted(times[1:])[len(times[1:]) // 2], "peak_gib": peak, "shape": learner.shape,
-            "optim": learner.optim.name}
+    result = {"seconds": sorted(times[1:])[len(times[1:]) // 2], "shape": learner.shape,
+              "optim": learner.optim.name}
+    del learner, samples
+    destroy()   # megatron's parallel state holds buffers of its own (e.g. the global memory buffer)
+    return result
 
 
 def bench_hf(path: Path, batch: int, seq: int, steps: int, dtype: str) -> dict:
@@ -93,8 +121,7 @@ def bench_hf(path: Path, batch: int, seq: int, steps: int, dtype: str) -> dict:
         opt.zero_grad(set_to_none=True)
         _sync()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"seconds": sorted(times[1:])[len(times[1:]) // 2], "peak_gib": peak}
+    return {"seconds": sorted(times[1:])[len(times[1:]) // 2]}
 
 
 def _sync():
@@ -120,8 +147,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(Path(tmp) / "model", args.smoke, dtype)
-        ours = bench_megaapo(path, args.batch, args.seq, args.steps, dtype, args.optim)
-        hf = None if args.skip_hf else bench_hf(path, args.batch, args.seq, args.steps, dtype)
+        ours = measured(bench_megaapo, path, args.batch, args.seq, args.steps, dtype, args.optim)
+        hf = None if args.skip_hf else measured(bench_hf, path, args.batch, args.seq, args.steps, dtype)
     tokens = args.batch * args.seq
     per_token = fpt(ours["shape"], args.seq)
     peak = device_peak_flops(dtype) if torch.cuda.is_available() else None
@@ -136,6 +163,8 @@ def main() -> None:
         ratio = hf["seconds"] / r["seconds"] if hf else float("nan")
         lines.append(f"| {name} | {r['seconds']:.3f} | {rate:,.0f} | "
                      f"{'n/a' if util is None else f'{100 * util:.1f}%'} | {r['peak_gib']:.1f} | {ratio:.2f}x |")
+    lines += [f"\nnote: the {name} run left {r['left_gib']:.2f} GiB allocated after it was freed"
+              for name, r in rows if r["left_gib"] > 0.25]    # NaN (CPU) compares False
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
