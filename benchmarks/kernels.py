@@ -357,6 +357,8 @@ def main():
             out.append(table(f"log-prob forward only, {name}, N={n}",
                              ["method", "time", "vs h@W^T", "peak extra", "max abs err vs eager"], fmt))
             print("\n".join(out[-2:]), flush=True)
+            if ARGS.write_docs:   # after every table: a run stopped at a time limit keeps what it measured
+                write_docs("\n".join(out), smoke=ARGS.smoke, quiet=True)
             torch.cuda.empty_cache() if CUDA else None
     n_tok = 4096 if ARGS.smoke else 1 << 20
     rows = [(lbl, fmt_ms(ms), "n/a" if k is None else k, fmt_err(e)) for lbl, ms, k, e in policy_loss_rows(n_tok)]
@@ -372,7 +374,7 @@ def main():
         write_docs("\n".join(out), smoke=ARGS.smoke)
 
 
-def write_docs(text, smoke):
+def write_docs(text, smoke, quiet=False):
     path = ROOT / "docs" / "kernels.md"
     start, end = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
     body = f"{start}\nCommand: `python benchmarks/kernels.py{' --smoke' if smoke else ''} --write-docs`\n\n{text}{end}"
@@ -380,7 +382,8 @@ def write_docs(text, smoke):
     doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: body, doc, flags=re.S) if start in doc \
         else doc + "\n" + body + "\n"
     path.write_text(doc)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

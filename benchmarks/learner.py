@@ -67,7 +67,11 @@ def measured(bench, *args) -> dict:
     """bench(*args) from a fresh device, with everything it built freed afterwards. Adds peak_gib (the peak above
     what was allocated before it) and left_gib (what it left allocated: ~0 unless something still holds it)."""
     base = fresh_device()
-    result = bench(*args)
+    try:
+        result = bench(*args)
+    except torch.OutOfMemoryError as e:   # a row of the table, not the end of the comparison
+        print(f"{bench.__name__}: out of memory: {str(e).splitlines()[0]}")
+        result = {"seconds": float("nan"), "error": "out of memory"}
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else float("nan")
     left = (fresh_device() - base) / 2**30 if torch.cuda.is_available() else float("nan")
     return dict(result, peak_gib=peak, left_gib=left)
@@ -124,6 +128,25 @@ def bench_hf(path: Path, batch: int, seq: int, steps: int, dtype: str) -> dict:
     return {"seconds": sorted(times[1:])[len(times[1:]) // 2]}
 
 
+def table_rows(rows, tokens: int, per_token, peak, hf) -> list[str]:
+    """The markdown table: time per step, throughput, MFU, peak memory, speed relative to HF."""
+    from megaapo.metrics import mfu
+
+    out = ["| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |", "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        if "error" in r:
+            out.append(f"| {name} | {r['error']} | - | - | {r['peak_gib']:.1f} | - |")
+            continue
+        rate = tokens / r["seconds"]
+        util = mfu(rate, per_token, peak) if per_token else None
+        ratio = hf["seconds"] / r["seconds"] if hf and "error" not in hf else float("nan")
+        out.append(f"| {name} | {r['seconds']:.3f} | {rate:,.0f} | "
+                   f"{'n/a' if util is None else f'{100 * util:.1f}%'} | {r['peak_gib']:.1f} | {ratio:.2f}x |")
+    out += [f"\nnote: the {name} run left {r['left_gib']:.2f} GiB allocated after it was freed"
+            for name, r in rows if r["left_gib"] > 0.25]    # NaN (CPU) compares False
+    return out
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -143,28 +166,20 @@ def main() -> None:
     if args.smoke:
         args.batch, args.seq, args.steps = 2, 128, 2
     dtype = "float32" if args.smoke or not torch.cuda.is_available() else "bfloat16"
-    from megaapo.metrics import device_peak_flops, mfu
+    from megaapo.metrics import device_peak_flops
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(Path(tmp) / "model", args.smoke, dtype)
         ours = measured(bench_megaapo, path, args.batch, args.seq, args.steps, dtype, args.optim)
         hf = None if args.skip_hf else measured(bench_hf, path, args.batch, args.seq, args.steps, dtype)
     tokens = args.batch * args.seq
-    per_token = fpt(ours["shape"], args.seq)
+    per_token = fpt(ours["shape"], args.seq) if "shape" in ours else None
     peak = device_peak_flops(dtype) if torch.cuda.is_available() else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    rows = [(f"megaapo learner (megatron-core, SDPA, {ours['optim']} optimizer)", ours)] + ([("HF transformers (SDPA)", hf)] if hf else [])
+    rows = [(f"megaapo learner (megatron-core, SDPA, {ours.get('optim', args.optim)} optimizer)", ours)] + \
+        ([("HF transformers (SDPA)", hf)] if hf else [])
     lines = [f"device: {device}; {args.batch} x {args.seq} tokens per step, {dtype}; "
-             f"{datetime.date.today().isoformat()}", "",
-             "| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |", "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        rate = tokens / r["seconds"]
-        util = mfu(rate, per_token, peak)
-        ratio = hf["seconds"] / r["seconds"] if hf else float("nan")
-        lines.append(f"| {name} | {r['seconds']:.3f} | {rate:,.0f} | "
-                     f"{'n/a' if util is None else f'{100 * util:.1f}%'} | {r['peak_gib']:.1f} | {ratio:.2f}x |")
-    lines += [f"\nnote: the {name} run left {r['left_gib']:.2f} GiB allocated after it was freed"
-              for name, r in rows if r["left_gib"] > 0.25]    # NaN (CPU) compares False
+             f"{datetime.date.today().isoformat()}", "", *table_rows(rows, tokens, per_token, peak, hf)]
     table = "\n".join(lines)
     print(table)
     if args.write_docs:

@@ -382,7 +382,7 @@ def table(found: list[Launch], rows: list[dict], archs=ARCHS) -> str:
     for r in rows:
         if "error" not in r:
             by.setdefault(r["kernel"], []).append(r)
-    head = ["kernel", "variants", "warps / stages"] + [f"sm_{a} registers" for a in archs] + \
+    head = ["kernel", "variants", "warps / stages"] + [f"sm_{a} registers / thread" for a in archs] + \
         ["shared memory (max, dynamic + static)", "spills / stack"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted({v.name for v in found}):

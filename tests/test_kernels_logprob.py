@@ -179,6 +179,16 @@ def test_fp32_output_gemm_fallback_warns_once_with_its_cause(monkeypatch):
         assert not caught and fl.fp32_output_gemm(torch.device("cuda"), torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp32_output_gemm_runs_on_this_gpu():
+    """The fp32-output GEMM the weight gradient into main_grad relies on exists in this torch on this GPU (torch
+    >= 2.10: addmm with an fp32 input and bf16 / fp16 operands), so no fp32-upcast fallback runs."""
+    import kernels.fused_logprob as fl
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fl.fp32_output_gemm(torch.device("cuda"), dtype), fl._FP32_OUT
+
+
 # -------------------------------------------------------------------------------------------- every kernel
 def test_kernels_import_nothing_from_megaapo():
     import re
