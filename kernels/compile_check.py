@@ -11,15 +11,16 @@ dtypes each op accepts, optional inputs, layouts, tensor parallelism on a fake p
 recomputing-backward and gradient-in-forward passes) on small CPU tensors that take the GPU path
 (`kernels._common.GPU_PATH_FOR`), with every launched @triton.jit kernel swapped for a recorder, so the launchers
 run their own code (cuBLAS's part runs on the CPU) and each launch is noted, with its arguments and keywords,
-instead of run. Nothing here restates a constexpr,
-a block size or num_warps. Each distinct launch is bound by the kernel's own binder (the function `kernel[grid](...)`
-builds from the signature: argument dtypes, the equal-to-1 and divisible-by-16 specialisations, the kernel's
-do_not_specialize lists) and compiled by `triton.compile` for each architecture with the ptxas in the triton
-wheel; registers, stack, local and shared memory are read from the cubin with the wheel's cuobjdump.
+instead of run. Nothing here restates a constexpr, a block size or num_warps. Each distinct launch is bound by the
+kernel's own binder (the function `kernel[grid](...)` builds from the signature: argument dtypes, the equal-to-1
+and divisible-by-16 specialisations, the kernel's do_not_specialize lists) and compiled by `triton.compile` for
+each architecture with the ptxas in the triton wheel (a real compile each time, Triton's cache bypassed, so that
+ptxas reports registers, stack frame and spills).
 
 Checks (any failure exits 1): every launch site in kernels/*.py was reached, and at each one every constexpr bound
-to an expression took both values where it is a bool; every variant compiles for every architecture, uses no local
-memory or stack (no spills) and fits the architecture's shared memory per block.
+to an expression took both values where it is a bool; no integer argument is specialised by value; every variant
+compiles for every architecture, spills no register (ptxas's spill stores and loads are 0) and fits the
+architecture's shared memory per block.
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ import json
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,38 +310,38 @@ def coverage_problems(log: list[Launch]) -> list[str]:
 _VARIANTS: list = []    # set before the worker processes fork
 
 
-def _cuobjdump() -> str:
-    tool = getattr(getattr(triton.knobs, "nvidia", None), "cuobjdump", None)
-    path = getattr(tool, "path", None)
-    return path or str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-
-
-def _resources(cubin: bytes) -> dict:
-    """REG, STACK, SHARED (static), LOCAL of the kernel function, from `cuobjdump --dump-resource-usage`."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
-    line = next(ln for ln in out.splitlines() if "REG:" in ln)
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+def _ptxas_report(log: str, name: str) -> dict:
+    """Registers, stack frame, spill stores / loads and static shared memory of `name`, from ptxas's -v report."""
+    part = log[log.index(f"Function properties for {name}"):]
+    stack, stores, loads = map(int, re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                              r"(\d+) bytes spill loads", part).groups())
+    used = re.search(r"Used (\d+) registers[^\n]*", part)
+    smem = re.search(r"(\d+) bytes smem", used.group(0))
+    return dict(registers=int(used.group(1)), stack=stack, spill_stores=stores, spill_loads=loads,
+                static_shared=int(smem.group(1)) if smem else 0)
 
 
 def _compile(task) -> dict:
-    idx, arch = task
-    launch = _VARIANTS[idx]
+    """Compile one variant for one architecture; ptxas's own report (printed when asked, on a real compile: the
+    cache is bypassed) gives the resources."""
+    import io
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    idx, arch = task
+    launch = _VARIANTS[idx]
     row = dict(variant=idx, arch=arch, kernel=launch.name)
     t0 = time.perf_counter()
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True
     try:
         signature, constexprs, attrs, options = _bind(launch, arch)
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=options.__dict__)
-        res = _resources(compiled.asm["cubin"])
-        row.update(registers=res["REG"], stack=res["STACK"], local=res["LOCAL"], static_shared=res["SHARED"],
-                   shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                   num_stages=compiled.metadata.num_stages)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        row.update(_ptxas_report(log.getvalue(), launch.name), shared=compiled.metadata.shared,
+                   num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages)
     except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result, reported with its cause
         row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -368,8 +367,9 @@ def failures(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"{what}: does not compile: {r['error']}")
             continue
-        if r["local"] or r["stack"]:
-            out.append(f"{what}: spills ({r['local']} B local memory, {r['stack']} B stack per thread)")
+        if r["spill_stores"] or r["spill_loads"]:
+            out.append(f"{what}: spills registers ({r['spill_stores']} B stores, {r['spill_loads']} B loads per "
+                       f"thread, {r['registers']} registers)")
         if r["shared"] + r["static_shared"] > SMEM_LIMIT[r["arch"]]:
             out.append(f"{what}: {r['shared'] + r['static_shared']} B shared memory > {SMEM_LIMIT[r['arch']]} B")
     return out
@@ -383,7 +383,7 @@ def table(found: list[Launch], rows: list[dict], archs=ARCHS) -> str:
         if "error" not in r:
             by.setdefault(r["kernel"], []).append(r)
     head = ["kernel", "variants", "warps / stages"] + [f"sm_{a} registers / thread" for a in archs] + \
-        ["shared memory (max, dynamic + static)", "spills / stack"]
+        ["shared memory (max, dynamic + static)", "spilled / stack frame (max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted({v.name for v in found}):
         rs = by.get(name, [])
@@ -394,8 +394,10 @@ def table(found: list[Launch], rows: list[dict], archs=ARCHS) -> str:
             x = [r["registers"] for r in rs if r["arch"] == a]
             regs.append(f"{min(x)}-{max(x)}" if x and min(x) != max(x) else str(x[0]) if x else "-")
         smem = max((r["shared"] + r["static_shared"] for r in rs), default=0)
-        spill = max((r["local"] + r["stack"] for r in rs), default=0)
-        lines.append(f"| `{name}` | {n_var} | {', '.join(ws)} | " + " | ".join(regs) + f" | {smem} B | {spill} B |")
+        spill = max((r["spill_stores"] + r["spill_loads"] for r in rs), default=0)
+        stack = max((r["stack"] for r in rs), default=0)
+        lines.append(f"| `{name}` | {n_var} | {', '.join(ws)} | " + " | ".join(regs) +
+                     f" | {smem} B | {spill} B / {stack} B |")
     return "\n".join(lines)
 
 

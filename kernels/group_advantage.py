@@ -124,15 +124,17 @@ def _launch(rewards, group_index, correct, lengths, est, eps, unbiased, dads, st
     else:
         klw = mult = diff = pos = out
     if on_gpu(dev):
-        bo, bi, warps = block_out or 32, block_in or 128, 4
+        # All 255 registers: the [32, 128] fp64 tiles need ~240, and left to itself ptxas aims lower and spills a few
+        # bytes in some variants (kernels.compile_check). One launch of B/32 programs: occupancy does not matter.
+        bo, bi, opts = block_out or 32, block_in or 128, dict(num_warps=4, maxnreg=255)
     else:
-        bo, bi, warps = block_out or min(64, next_pow2(n)), block_in or min(256, next_pow2(n)), 1
+        bo, bi, opts = block_out or min(64, next_pow2(n)), block_in or min(256, next_pow2(n)), dict(num_warps=1)
     if n:
         _group_adv_kernel[(triton.cdiv(n, bo),)](
             rewards, group_index, correct if has_apo else rewards, lengths if has_apo else rewards,
             out, klw, mult, diff, pos, n, float(eps), math.log(stcr_base),
             int(est), int(unbiased), int(dads), int(stcr), int(code),
-            HAS_APO=has_apo, BLOCK_O=bo, BLOCK_I=bi, num_warps=warps)
+            HAS_APO=has_apo, BLOCK_O=bo, BLOCK_I=bi, **opts)
     if not has_apo:
         return (out,)
     return out, klw, mult, diff, pos.view(torch.bool)
