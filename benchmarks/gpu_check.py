@@ -201,7 +201,7 @@ def write_docs(all_steps: list[Step], device: str) -> None:
 def check(out: Path | None, results: Path, all_steps: list[Step] | None = None, docs: bool = True) -> int:
     """Run the steps (default: steps()) in order; 0 when all passed. docs=False leaves docs/gpu_check.md alone."""
     all_steps = steps() if all_steps is None else all_steps
-    run = Run(out, results, site=Path(tempfile.mkdtemp(prefix="megaapo-site-")))
+    run = Run(out, results, site=results / "site")
     run.say(f"megaapo GPU check: {len(all_steps)} steps, limits summing to {sum(s.limit for s in all_steps)} s "
             f"of a {BUDGET_S} s budget; results in {results}" + (f", copied to {out}" if out else ""))
     device = "unknown device"
