@@ -1,30 +1,34 @@
-"""Atomic sharded checkpoints, auto-resume, RNG and train-state capture, HF export, and the pre-emption stop flag.
+"""Atomic sharded checkpoints, verified resume, RNG and train-state capture, HF export, and the pre-emption stop flag.
 
-Who calls it: `megaapo/train.py` (and sft). Every trainer rank calls `save` at the same step with its own shards
-(learner weights, optimizer state, RNG state); the loss-visible rank also passes `meta` (the JSON train state and
-config). On start, `resolve_resume` picks the checkpoint and each rank `load`s its own shards. `StopFlag` turns
-SIGTERM/SIGUSR1 (SLURM pre-emption) into a flag the loop checks at a safe point, then saves and exits. At the end
-`export_hf` writes the final policy (already mapped to HF names by the model's weight maps) as an HF directory.
+Who calls it: `megaapo/run.py` (RL and SFT). Every trainer rank calls `save` at the same step with its own shards
+(learner weights, optimizer state, RNG state); the loss-visible rank also passes `meta` (the JSON train state). On
+start, `resolve_resume` picks the checkpoint (all ranks together) and each rank `load`s its own shards. `StopFlag`
+turns SIGTERM/SIGUSR1 (SLURM pre-emption) into a flag the loop checks at a safe point, then saves and exits. At the
+end `export_hf` writes the final policy (already mapped to HF names by the model's weight maps) as an HF directory.
 
 Layout of one checkpoint (`step_N` = the state after N completed steps; the next step to run is N):
     <root>/step_000123/
         model.rank0.safetensors    a flat {name: tensor} shard -> safetensors
         optim.rank0.pt             anything else (optimizer, RNG) -> torch.save, loaded with weights_only=True
         meta.json                  the loss-visible rank's `meta`
-        COMPLETE                   the manifest (JSON): every file with its size (and sha256 if asked)
+        COMPLETE                   the manifest (JSON): every file with its size and checksum (megaapo.integrity)
 
-Write protocol: rank 0 removes stale `*.tmp-*` dirs and creates `step_N.tmp-<uuid>`; every rank writes and fsyncs
-its files there plus a small part-list; barrier; rank 0 merges the part-lists into COMPLETE, fsyncs it and the
-directory, renames the directory to `step_N` (atomic on POSIX), fsyncs the root, prunes to the newest `keep_last`;
-barrier. A crash at any point leaves either no `step_N` or a complete one, and `find_latest` only trusts a `step_N`
-whose COMPLETE manifest matches the files on disk, so a torn directory is never loaded.
+Write protocol: the ranks first agree that no shard holds NaN/inf (such a checkpoint is never written). Rank 0
+removes stale `*.tmp-*` dirs and creates `step_N.tmp-<uuid>`; every rank writes and fsyncs its files there, checksums
+them, and writes a small part-list; the ranks agree that every write succeeded (else rank 0 removes the tmp dir and
+every rank raises, the failing one with the path and cause); rank 0 merges the part-lists into COMPLETE, fsyncs it
+and the directory, renames the directory to `step_N` (atomic on POSIX), fsyncs the root, and prunes to the newest
+`keep_last`, never the one just written. A crash at any point leaves either no `step_N` or a complete one.
 
-One writer per root: concurrent jobs writing into the same root would delete each other's temporary directories.
+Read protocol: a checkpoint is used only after its manifest, every file's size and every file's checksum match
+(the hashing shared by the ranks); `resolve_resume` with `auto` takes the newest that passes, warns about each newer
+one it skips and why, and refuses to start at all when checkpoints exist but none passes.
+
+One writer per root: the run directory's lock (`megaapo.rundir`) keeps a second job out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,16 +46,19 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+from megaapo import integrity
 from megaapo.config import CheckpointConfig
+from megaapo.integrity import MARKER, read_manifest
+from megaapo.rundir import WriteError, as_write_error, writing
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
 META = "meta.json"
 _PARTS = "_parts"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 PathLike = Union[str, Path]
+__all__ = ["MARKER", "read_manifest"]   # re-exported: callers read manifests through this module
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +76,7 @@ def checkpoint_root(cfg: CheckpointConfig, output_dir: PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- save
 class _Comm:
-    """The two things `save` needs from the ranks: a barrier, and everyone learning rank 0's tmp dir name."""
+    """What `save` needs from the ranks: a barrier, rank 0's tmp dir name, and agreement on problems."""
 
     def __init__(self, group: Any, barrier: Optional[Callable[[], None]], rank: Optional[int],
                  world_size: Optional[int]) -> None:
@@ -93,9 +100,17 @@ class _Comm:
     def barrier(self) -> None:
         self._barrier()
 
-    def share_tmp(self, tmp: Optional[Path], root: Path, final_name: str) -> Path:
+    def agree(self, problem: Optional[str]) -> Optional[str]:
+        """The first problem of any rank (also a barrier). Without a group only this rank's: the others then learn
+        of a failure as their barrier's timeout."""
+        if self.group is None:
+            self.barrier()
+            return problem
+        return integrity.agree(problem, self.group)
+
+    def share_tmp(self, tmp: Optional[Path], root: Path, final_name: str) -> Optional[Path]:
+        """Rank 0's tmp dir on every rank (None everywhere when rank 0 could not make it)."""
         if self.world_size == 1:
-            assert tmp is not None
             return tmp
         if self.group is not None:
             import torch.distributed as dist
@@ -103,10 +118,12 @@ class _Comm:
             box = [str(tmp) if tmp is not None else None]
             # also the barrier: the others wait here until rank 0 has made the directory
             dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
-            return Path(box[0])
+            return Path(box[0]) if box[0] else None
         # rank 0 removed every stale tmp dir before making its own, so exactly one is left; NFS may show other
         # nodes a stale listing for a few seconds, which is why a process group (broadcast) is preferred
         self.barrier()
+        if self.rank == 0:
+            return tmp
         found = sorted(root.glob(f"{final_name}.tmp-*"))
         if len(found) != 1:
             raise CheckpointError(f"rank {self.rank}: expected one {final_name}.tmp-* in {root}, found "
@@ -116,59 +133,105 @@ class _Comm:
 
 def save(ckpt_root: PathLike, step: int, shards: dict[str, Any], meta: Optional[dict] = None, keep_last: int = 2,
          *, rank: Optional[int] = None, world_size: Optional[int] = None, group: Any = None,
-         barrier: Optional[Callable[[], None]] = None, checksum: bool = False) -> Path:
+         barrier: Optional[Callable[[], None]] = None, checksum: bool = True) -> Path:
     """Write this rank's `shards` (name -> a flat {str: Tensor} dict or any torch-saveable state) into `step_N`.
 
     All ranks call it together. Pass `group` (a torch.distributed ProcessGroup over the trainer ranks; files are
     named by the rank in it) or, for several ranks, `barrier` plus `rank` and `world_size`. Exactly one rank passes
-    `meta` (JSON-serialisable). Returns the final directory once it is complete on every rank. An error on one rank
-    (disk full) reaches the others as the group's barrier timeout.
+    `meta` (JSON-serialisable). Returns the final directory once it is complete on every rank. Raises on every rank
+    (with a group) when any rank's state holds NaN/inf (CheckpointError; nothing written) or a write failed
+    (WriteError on the failing rank, CheckpointError naming it elsewhere; the tmp dir is removed).
     """
     comm = _Comm(group, barrier, rank, world_size)
     root = Path(ckpt_root)
     final = root / step_dir_name(step)
-    tmp = None
+    what = f"checkpoint {final.name} not saved (the newest complete one, {_newest(root)}, is untouched)"
+    bad = comm.agree(integrity.nonfinite(shards))
+    if bad is not None:
+        raise CheckpointError(f"{what}: {bad}; the policy diverged (a non-finite update got through, or non-finite "
+                              "weights were loaded): resume from the last good checkpoint, e.g. with a lower optim.lr")
+    tmp, err = None, None
     if comm.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(root)
-        tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
-        (tmp / _PARTS).mkdir(parents=True)
+        try:
+            with writing(root, what):
+                root.mkdir(parents=True, exist_ok=True)
+                _remove_stale_tmp(root)
+                tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+                (tmp / _PARTS).mkdir(parents=True)
+        except WriteError as e:
+            err, tmp = e, None
     tmp = comm.share_tmp(tmp, root, final.name)
-    files = _write_shards(tmp, comm.rank, shards, meta, checksum)
-    _write_durable(tmp / _PARTS / f"rank{comm.rank}.json", json.dumps(files).encode())
-    comm.barrier()
+    if tmp is None:
+        raise err or CheckpointError(f"{what}: rank 0 could not create its directory in {root}")
+    err = _attempt(lambda: _write_parts(tmp, comm.rank, shards, meta, checksum), tmp, what)
+    _settle(comm, err, tmp, what)
     if comm.rank == 0:
-        _finalise(tmp, final, step, comm.world_size)
-        prune(root, keep_last)
-    comm.barrier()   # nobody returns (and perhaps exits) before the checkpoint is final
+        err = _attempt(lambda: _finalise(tmp, final, step, comm.world_size), tmp, what)
+        if err is None:
+            _prune_quietly(root, keep_last, protect=final)
+    _settle(comm, err if comm.rank == 0 else None, tmp, what)   # nobody returns before the checkpoint is final
     return final
 
 
+def _attempt(fn: Callable[[], Any], path: Path, what: str) -> Optional[BaseException]:
+    """Run fn; a failure is returned (a filesystem one as a WriteError naming the file), not raised."""
+    try:
+        fn()
+        return None
+    except Exception as e:  # noqa: BLE001 -- every rank must learn of it before anyone raises
+        werr = as_write_error(e, path, what)
+        if werr is None:
+            return e
+        werr.what = werr.what or what
+        return werr
+
+
+def _settle(comm: _Comm, err: Optional[BaseException], tmp: Path, what: str) -> None:
+    """Agree on failures; on any, rank 0 removes the tmp dir and every rank raises (its own error, or one naming
+    the failing rank's)."""
+    problem = comm.agree(None if err is None else f"rank {comm.rank}: {err}")
+    if problem is None:
+        return
+    if comm.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if err is not None:
+        raise err
+    raise CheckpointError(problem if what in problem else f"{what}: {problem}")
+
+
+def _write_parts(tmp: Path, rank: int, shards: dict, meta: Optional[dict], checksum: bool) -> None:
+    files = _write_shards(tmp, rank, shards, meta, checksum)
+    _write_durable(tmp / _PARTS / f"rank{rank}.json", json.dumps(files).encode())
+
+
 def _write_shards(tmp: Path, rank: int, shards: dict[str, Any], meta: Optional[dict], checksum: bool) -> dict:
+    """The tensor I/O: one file per shard. Returns {file name: manifest entry} of what this rank wrote."""
     from safetensors.torch import save_file
 
     files: dict[str, dict] = {}
     for name, state in shards.items():
         if not _NAME_RE.match(name):
             raise ValueError(f"shard name {name!r}: use letters, digits, '_' and '-' only (it becomes a file name)")
-        if _is_tensor_dict(state):
-            path = tmp / f"{name}.rank{rank}.safetensors"
-            save_file(_detach_unshared(state), str(path))
-            _fsync_path(path)
-        else:
-            path = tmp / f"{name}.rank{rank}.pt"
-            with open(path, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        files[path.name] = _file_info(path, checksum)
+        tensor_dict = _is_tensor_dict(state)
+        path = tmp / f"{name}.rank{rank}.{'safetensors' if tensor_dict else 'pt'}"
+        with writing(path, probe=True):
+            if tensor_dict:
+                save_file(_detach_unshared(state), str(path))
+                _fsync_path(path)
+            else:
+                with open(path, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        files[path.name] = integrity.file_info(path, checksum)
     if meta is not None:
         try:
             text = json.dumps(meta, indent=1, sort_keys=True)
         except TypeError as e:
             raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from None
-        _write_durable(tmp / META, text.encode())
-        files[META] = _file_info(tmp / META, checksum)
+        with writing(tmp / META, probe=True):
+            _write_durable(tmp / META, text.encode())
+        files[META] = integrity.file_info(tmp / META, checksum)
     return files
 
 
@@ -220,19 +283,31 @@ def _finalise(tmp: Path, final: Path, step: int, world_size: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prune(ckpt_root: PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was deleted.
-
-    Each is renamed to a `.tmp-` name first, so a crash mid-delete leaves something the next save cleans up
+def prune(ckpt_root: PathLike, keep_last: int, protect: Optional[PathLike] = None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, never `protect` (`save` passes the checkpoint it
+    has just written and checksummed: older-numbered than newer leftovers, it must still survive); returns what was
+    deleted. Each is renamed to a `.tmp-` name first, so a crash mid-delete leaves something the next save cleans up
     rather than a `step_N` with missing files. Directories that are not complete checkpoints are left alone.
     """
-    complete = [p for _, p in _step_dirs(Path(ckpt_root)) if check_complete(p) is None]
-    doomed = complete[keep_last:]
+    keep = Path(protect) if protect is not None else None
+    complete = [p for _, p in _step_dirs(Path(ckpt_root)) if integrity.check_structure(p)[0] is None]
+    doomed = [p for p in complete[keep_last:] if p != keep]
     for p in doomed:
         trash = p.with_name(f"{p.name}.tmp-del-{uuid.uuid4().hex[:12]}")
         os.rename(p, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
+
+
+def _prune_quietly(root: Path, keep_last: int, protect: Path) -> None:
+    try:
+        prune(root, keep_last, protect)
+    except OSError as e:   # the new checkpoint is complete; an old one left behind is no reason to stop
+        log.warning("could not prune old checkpoints in %s: %s", root, e)
+
+
+def _newest(root: Path) -> str:
+    return next((p.name for _, p in _step_dirs(root) if integrity.check_structure(p)[0] is None), "none")
 
 
 def _remove_stale_tmp(root: Path) -> None:
@@ -256,63 +331,45 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _file_info(path: Path, checksum: bool) -> dict:
-    info: dict[str, Any] = {"size": path.stat().st_size}
-    if checksum:
-        info["sha256"] = _sha256(path)
-    return info
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------- find / load
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """`step_N` directories under root, newest first (tmp dirs never match)."""
+def list_checkpoints(root: PathLike) -> list[tuple[int, Path]]:
+    """(N, path) of the `step_N` directories under root, complete or not, newest first (tmp dirs never match)."""
+    root = Path(root)
     if not root.is_dir():
         return []
     out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
     return sorted(out, reverse=True)
 
 
-def read_manifest(path: PathLike) -> dict:
-    return json.loads((Path(path) / MARKER).read_text())
+_step_dirs = list_checkpoints
 
 
-def check_complete(path: PathLike, checksum_files: Optional[set] = None) -> Optional[str]:
-    """None when `path` is a complete checkpoint, else why not. Sizes are always checked; sha256 only for the
-    names in `checksum_files` that recorded one (hashing every shard on every scan would cost minutes)."""
-    path = Path(path)
-    if not (path / MARKER).is_file():
-        return f"no {MARKER} marker (a save that did not finish)"
-    try:
-        files = read_manifest(path)["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MARKER} manifest ({e})"
-    for name, info in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != info.get("size"):
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {info.get('size')}"
-        if checksum_files and name in checksum_files and "sha256" in info and _sha256(f) != info["sha256"]:
-            return f"{name} fails its sha256 check"
-    return None
+def check_complete(path: PathLike) -> Optional[str]:
+    """None when `path` is a complete checkpoint with intact files (checksums included), else why not."""
+    return integrity.verify(path)
 
 
-def find_latest(ckpt_root: PathLike) -> Optional[Path]:
-    """The newest complete checkpoint under `ckpt_root`, or None; incomplete ones are skipped with a warning."""
+class Scan(NamedTuple):
+    latest: Optional[Path]                # the newest checkpoint that passed verification
+    refused: list[tuple[Path, str]]       # newer ones that did not, with the reason
+
+
+def scan(ckpt_root: PathLike, group: Any = None) -> Scan:
+    """Verify `step_N` directories newest first until one passes (collective over `group`, which shares the
+    hashing; every rank gets the same answer). Each refused one is logged with its reason."""
+    refused = []
     for _, p in _step_dirs(Path(ckpt_root)):
-        problem = check_complete(p)
+        problem = integrity.verify_together(p, group)
         if problem is None:
-            return p
+            return Scan(p, refused)
         log.warning("skipping checkpoint %s: %s", p, problem)
-    return None
+        refused.append((p, problem))
+    return Scan(None, refused)
+
+
+def find_latest(ckpt_root: PathLike, group: Any = None) -> Optional[Path]:
+    """The newest verified checkpoint under `ckpt_root`, or None; unusable ones are skipped with a warning."""
+    return scan(ckpt_root, group).latest
 
 
 class Loaded(NamedTuple):
@@ -323,8 +380,9 @@ class Loaded(NamedTuple):
 
 
 def load(path: PathLike, rank: int = 0, map_location: Union[str, torch.device] = "cpu",
-         weights_only: bool = True) -> Loaded:
-    """This rank's shards and the shared meta of a complete checkpoint; sha256 (if recorded) checked on what it reads.
+         weights_only: bool = True, verified: bool = False) -> Loaded:
+    """This rank's shards and the shared meta of a complete checkpoint. The files it reads are checked against the
+    manifest's sizes and checksums first, unless `verified` (`resolve_resume` already checked every file).
 
     weights_only=True refuses arbitrary pickled objects; pass False only for checkpoints you wrote yourself whose
     optimizer state holds custom classes.
@@ -332,21 +390,19 @@ def load(path: PathLike, rank: int = 0, map_location: Union[str, torch.device] =
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        manifest = read_manifest(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a complete checkpoint ({e}); checkpoint.resume=auto picks the newest "
-                              f"complete one") from None
-    mine = {n for n in manifest["files"] if f".rank{rank}." in n}
-    problem = check_complete(path, checksum_files=mine | {META})
+    problem, files = integrity.check_structure(path)
+    mine = sorted(n for n in files if f".rank{rank}." in n)
+    if problem is None and not verified:
+        problem = integrity.check_files(path, files, mine + [META])
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete checkpoint: {problem}; checkpoint.resume=auto picks the "
                               f"newest complete one")
+    manifest = read_manifest(path)
     if rank >= manifest["world_size"]:
         raise CheckpointError(f"{path} was written by {manifest['world_size']} trainer ranks, this is rank {rank}: "
                               "resume with the same TP x PP x DP layout (resharding is not supported)")
     shards: dict[str, Any] = {}
-    for name in sorted(mine):
+    for name in mine:
         shard = name.split(f".rank{rank}.")[0]
         if name.endswith(".safetensors"):
             shards[shard] = load_file(str(path / name), device=str(map_location))
@@ -356,30 +412,43 @@ def load(path: PathLike, rank: int = 0, map_location: Union[str, torch.device] =
     return Loaded(path, int(manifest["step"]), shards, meta)
 
 
-def resolve_resume(cfg: CheckpointConfig, ckpt_root: PathLike) -> Optional[Path]:
-    """The checkpoint to resume from: `none` -> None; `auto` -> the newest complete one under ckpt_root (None if
-    there is none: a fresh start); a path -> that checkpoint (or the newest complete one under a checkpoint root)."""
+def resolve_resume(cfg: CheckpointConfig, ckpt_root: PathLike, group: Any = None) -> Optional[Path]:
+    """The checkpoint to resume from (collective over `group`: every rank gets the same answer), verified:
+    `none` -> None; `auto` -> the newest usable one under ckpt_root, None when there are no checkpoints at all, an
+    error listing each one and why it was refused when there are some but none is usable; a path -> that
+    checkpoint (or the newest usable one under a checkpoint root)."""
     choice = (cfg.resume or "").strip()
     if choice == "none":
         return None
-    if choice == "auto":
-        return find_latest(ckpt_root)
     if not choice:
         raise CheckpointError("checkpoint.resume is empty: use auto, none or a checkpoint directory")
+    if choice == "auto":
+        return _newest_usable(Path(ckpt_root), group, "checkpoint.resume=auto")
     p = Path(choice).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint.resume={choice}: no such directory; give a step_NNNNNN checkpoint "
                               f"directory, or checkpoint.resume=auto (newest complete under {ckpt_root}) or none")
     if not _STEP_RE.match(p.name) and not (p / MARKER).exists():
-        latest = find_latest(p)
+        latest = _newest_usable(p, group, f"checkpoint.resume={choice}")
         if latest is None:
             raise CheckpointError(f"checkpoint.resume={choice}: no complete step_NNNNNN checkpoint in it")
         return latest
-    problem = check_complete(p)
+    problem = integrity.verify_together(p, group)
     if problem is not None:
         raise CheckpointError(f"checkpoint.resume={choice}: not a complete checkpoint ({problem}); pick another, "
                               f"or checkpoint.resume=auto for the newest complete one")
     return p
+
+
+def _newest_usable(root: Path, group: Any, setting: str) -> Optional[Path]:
+    found = scan(root, group)
+    if found.latest is not None or not found.refused:
+        return found.latest
+    listing = "; ".join(f"{p.name}: {why}" for p, why in found.refused)
+    raise CheckpointError(
+        f"{setting}: none of the {len(found.refused)} checkpoint(s) in {root} can be resumed ({listing}). No "
+        "checkpoint or metric was changed. Restore or remove them, resume one explicitly (checkpoint.resume=DIR), or start afresh with "
+        "checkpoint.resume=none (the earlier metrics and checkpoints are then moved to a history/ folder)")
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -439,14 +508,25 @@ def export_hf(state_dict: dict[str, torch.Tensor], out_dir: PathLike, source_dir
               max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `state_dict` (already in HF names, gathered onto this one rank) as an HF safetensors model directory,
     sharded with a `model.safetensors.index.json` past `max_shard_bytes`; copy the non-weight files (config,
-    tokenizer, processor, chat template) from `source_dir`. Atomic like `save`: a tmp dir renamed into place."""
+    tokenizer, processor, chat template) from `source_dir`. Atomic like `save`: a tmp dir renamed into place; a
+    failed write removes the tmp dir, leaves an earlier export as it was and raises a WriteError."""
+    out = Path(out_dir)
+    with writing(out, f"export to {out} failed (an earlier export there is untouched)"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp.mkdir()
+        try:
+            _write_hf(tmp, _detach_unshared(state_dict), source_dir, max_shard_bytes)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, out)
+    return out
+
+
+def _write_hf(tmp: Path, tensors: dict[str, torch.Tensor], source_dir: Optional[PathLike], max_shard_bytes: int):
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
-    tensors = _detach_unshared(state_dict)
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in tensors.items():
@@ -458,8 +538,9 @@ def export_hf(state_dict: dict[str, torch.Tensor], out_dir: PathLike, source_dir
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     for name, group in zip(names, groups):
-        save_file(group, str(tmp / name), metadata={"format": "pt"})   # transformers checks the format tag
-        _fsync_path(tmp / name)
+        with writing(tmp / name, probe=True):
+            save_file(group, str(tmp / name), metadata={"format": "pt"})   # transformers checks the format tag
+            _fsync_path(tmp / name)
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {k: name for name, g in zip(names, groups) for k in g}}
@@ -469,6 +550,10 @@ def export_hf(state_dict: dict[str, torch.Tensor], out_dir: PathLike, source_dir
             if f.is_file() and not f.name.endswith(_HF_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
     _fsync_path(tmp)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out`: the old `out` is renamed away first and deleted only after."""
     old = out.with_name(f"{out.name}.tmp-old-{uuid.uuid4().hex[:12]}") if out.exists() else None
     if old is not None:
         os.rename(out, old)
@@ -476,7 +561,6 @@ def export_hf(state_dict: dict[str, torch.Tensor], out_dir: PathLike, source_dir
     _fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- signals

@@ -190,6 +190,11 @@ class OptimConfig:
     eps: float = _opt(1e-8, gt=0.0)
     weight_decay: float = _opt(0.0, ge=0.0, help="not applied to biases and 1-D parameters (norms), as in Megatron")
     grad_clip: float = _opt(1.0, ge=0.0)
+    nonfinite: str = _opt("stop", choices=["skip", "stop"],
+                          help="an update whose loss or gradient norm is NaN/inf never touches the weights: skip it "
+                               "(counted and logged) and go on, or stop the run with an error once "
+                               "nonfinite_patience updates in a row were skipped")
+    nonfinite_patience: int = _opt(3, ge=1, help="with nonfinite=stop: this many skipped updates in a row stop the run")
 
 
 # ------------------------------------------------------------------------------------------------------ parallel
@@ -240,7 +245,8 @@ class CheckpointConfig:
     keep_last: int = _opt(2, ge=1)
     resume: str = _opt("auto", help="auto | none | a checkpoint directory")
     save_on_sigterm: bool = _opt(True, help="on SIGTERM/SIGUSR1 (SLURM pre-emption) save at the next step, then exit")
-    checksum: bool = _opt(False, help="sha256 of every file in the manifest, checked when the checkpoint is loaded")
+    checksum: bool = _opt(True, help="an XXH3-128 checksum of every file in the manifest, verified before a checkpoint "
+                                     "is resumed (a file changed in place is refused); costs docs/faults.md")
     export_hf: bool = True
 
 

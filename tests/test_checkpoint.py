@@ -101,7 +101,7 @@ def test_torn_checkpoints_are_never_found(tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
         ckpt.load(summed)
 
 
@@ -278,3 +278,125 @@ def test_export_hf_shards_and_copies_configs(tmp_path):
     again = ckpt.export_hf({"w": torch.zeros(2)}, tmp_path / "hf")   # replaces the old export whole
     assert sorted(p.name for p in again.iterdir()) == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "src"]
+
+
+# ------------------------------------------------------------------------------------------------ integrity (faults)
+def _overwrite_in_place(path, offset=4096, n=16 * 1024):
+    """Corrupt a file the way a bad disk or a stray writer does: bytes changed, size unchanged."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes((b + 1) % 256 for b in f.read(n)))   # every byte differs
+    assert path.stat().st_size == size
+
+
+def _big_save(root, step, value=1.0, keep_last=10):
+    return ckpt.save(root, step, {"model": {"w": torch.full((64 * 1024,), value)}}, _meta(step), keep_last)
+
+
+def test_checkpoint_corrupted_in_place_is_refused(tmp_path, caplog):
+    """Checksums are on by default: 16 KiB overwritten in the newest checkpoint (same size) makes resume take the
+    previous one, with a warning naming the file; when none is usable, resume=auto refuses to start and lists each
+    with its reason, and only an explicit fresh start (resume=none) goes on."""
+    first, second = _big_save(tmp_path, 1), _big_save(tmp_path, 2, 2.0)
+    assert all("xxh3_128" in info for info in ckpt.read_manifest(second)["files"].values())
+    _overwrite_in_place(second / "model.rank0.safetensors")
+    auto = CheckpointConfig(resume="auto")
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume(auto, tmp_path) == first
+    assert "step_000002: model.rank0.safetensors fails its xxh3_128 checksum" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="step_000002.*fails its xxh3_128 checksum"):
+        ckpt.load(second)
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint.*checksum"):
+        ckpt.resolve_resume(CheckpointConfig(resume=str(second)), tmp_path)
+
+    _overwrite_in_place(first / "meta.json", offset=0, n=8)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.resolve_resume(auto, tmp_path)
+    msg = str(err.value)
+    assert "none of the 2 checkpoint(s)" in msg and "checkpoint.resume=none" in msg
+    assert "step_000002: model.rank0.safetensors fails" in msg and "step_000001: meta.json fails" in msg
+    assert ckpt.resolve_resume(CheckpointConfig(resume="none"), tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000002"]   # nothing touched
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+    good = _big_save(tmp_path, 1)
+    for bad in (float("nan"), float("inf")):
+        state = {"model": {"w": torch.ones(8)}, "optim": {"state": {0: {"exp_avg": torch.tensor([0.0, bad])}}}}
+        with pytest.raises(ckpt.CheckpointError, match=r"step_000002 not saved \(the newest complete one, "
+                                                       r"step_000001, is untouched\).*optim:state.0.exp_avg"):
+            ckpt.save(tmp_path, 2, state, _meta(2), keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"] and ckpt.find_latest(tmp_path) == good
+
+
+def test_prune_never_removes_the_checkpoint_just_written(tmp_path):
+    """Resuming from step 2 after steps 3 and 4 were refused (or belong to an abandoned run): keep_last counts by
+    step number, yet the newly saved, verified step 3 must survive it."""
+    for step in (2, 4, 5):
+        _big_save(tmp_path, step)
+    assert ckpt.prune(tmp_path, 1, protect=tmp_path / "step_000002") == [tmp_path / "step_000004"]
+    _big_save(tmp_path, 3, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000005"]
+
+
+def test_full_disk_during_save_is_one_error_and_removes_the_partial_directory(tmp_path):
+    """A real write error from the kernel at the write call, in-process without privileges: a file-size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored) makes write() fail with EFBIG inside safetensors' and torch's own writers. The
+    previous checkpoint stays, no tmp dir is left, the error names the file and the cause. (The disk-full run in
+    tests/test_faults.py uses a real small filesystem.)"""
+    import errno
+    import resource
+
+    from megaapo.rundir import WriteError
+
+    first = _big_save(tmp_path, 1)
+    big = {"model": {"w": torch.ones(64 * 1024)}, "optim": {"state": {"m": torch.zeros(512 * 1024)}}}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(WriteError) as err:
+            ckpt.save(tmp_path, 2, big, _meta(2), keep_last=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    e = err.value
+    assert e.errno == errno.EFBIG and e.filename.endswith("optim.rank0.pt")
+    assert str(e).startswith("checkpoint step_000002 not saved (the newest complete one, step_000001, is untouched)")
+    assert "File too large" in str(e) and "\n" not in str(e)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"] and ckpt.find_latest(tmp_path) == first
+
+
+def _gloo_fault_worker(rank, world, init_file, root):
+    """Faults on one rank only: both ranks must raise (nobody waits forever at a barrier) and nothing is written."""
+    import resource
+
+    import torch.distributed as dist
+
+    from megaapo.rundir import WriteError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        ckpt.save(root, 1, {"model": {"w": torch.ones(4) * rank}}, _meta(1) if rank == 0 else None, 1, group=group)
+        nan = {"model": {"w": torch.tensor([float("nan") if rank == 1 else 0.0])}}
+        with pytest.raises(ckpt.CheckpointError, match="NaN/inf"):
+            ckpt.save(root, 2, nan, _meta(2) if rank == 0 else None, 1, group=group)
+        if rank == 1:   # rank 1's disk is "full" (a file-size limit): its write fails, rank 0's succeeds
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        big = {"model": {"w": torch.ones(64 * 1024)}}
+        with pytest.raises(WriteError if rank == 1 else ckpt.CheckpointError, match="step_000002 not saved"):
+            ckpt.save(root, 2, big, _meta(2) if rank == 0 else None, 1, group=group)
+        dist.barrier()
+        assert sorted(p.name for p in Path(root).iterdir()) == ["step_000001"]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_save_faults_on_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_fault_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpts")), nprocs=2, join=True)
