@@ -13,7 +13,9 @@
     megaapo check parity --hf DIR --tp T --pp P         learner vs transformers: logits, log-probs, gradients
     megaapo check parity --hf DIR --packed              the same with the batch packed into one row
 
-User mistakes (bad config keys, missing files, unusable data) end with one clear message and exit code 2.
+User mistakes (bad config keys, missing files, unusable data, a run directory another run holds) end with one clear
+message and exit code 2; faults (an engine that died, a disk that filled up, a read-only or forbidden output
+directory, a policy that went NaN) with one `error:` line naming the thing and the cause, and exit code 1.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from megaapo import __version__
+from megaapo import __version__, rundir
 
 log = logging.getLogger("megaapo")
 
@@ -155,9 +157,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     run_dir = Path(cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    inputs = prepare_inputs(cfg.model, cfg.data, run_dir)
+    rundir.acquire(run_dir)   # one writer per run directory, before anything is written there
+    with rundir.writing(run_dir):
+        rundir.write_text(run_dir / "config.yaml", to_yaml(cfg))
+        inputs = prepare_inputs(cfg.model, cfg.data, run_dir)
     for r in inputs.reports:
         print(r.summary())
     print(f"model: {inputs.model_path}\ntrain rows: {len(inputs.train)}, held-out rows: {len(inputs.eval)}\n"
@@ -183,8 +186,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from megaapo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.trainer.output_dir)
+    rundir.acquire(run_dir)   # one writer per run directory, before anything is written there
     if cfg.trainer.dry_run:
-        inputs = prepare_inputs(cfg.model, cfg.data, Path(cfg.trainer.output_dir), supervised=True)
+        with rundir.writing(run_dir):
+            inputs = prepare_inputs(cfg.model, cfg.data, run_dir, supervised=True)
         print(f"dry run: {len(inputs.train)} training conversations, {len(inputs.eval)} held-out; nothing trained")
         return 0
     from megaapo.sft import main as sft_main
@@ -331,23 +337,39 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:  # `megaapo` alone runs the main job, like `megaapo train`
         args = build_parser().parse_args(["train", *(argv or [])])
+    return report_errors(lambda: args.fn(args), args.verbose)
+
+
+def report_errors(fn, verbose: bool = False) -> int:
+    """fn()'s exit code; an error a user can act on becomes one `error:` line on stderr instead of a traceback
+    (`megaapo` and the torchrun entry points `megaapo.train` / `megaapo.sft`)."""
+    from megaapo.checkpoint import CheckpointError
     from megaapo.config import ConfigError
     from megaapo.data.schema import DataError
-
-    from megaapo.checkpoint import CheckpointError
+    from megaapo.optim import NonFiniteError
     from megaapo.rollout.types import EngineError
 
     try:
-        return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, CheckpointError) as e:
-        if args.verbose:
+        return fn()
+    except (ConfigError, DataError, FileNotFoundError, ValueError, CheckpointError, rundir.RunDirError) as e:
+        if verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except EngineError as e:   # the engine's own message (and its log's path) says what went wrong
-        if args.verbose:
+        if verbose:
             raise
         print(f"error: rollout engine: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteError as e:
+        if verbose:
+            raise
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:   # disk full, read-only filesystem, no permission: where and why, not a traceback
+        if verbose or e.errno not in rundir.WRITE_ERRNOS:
+            raise
+        print(f"error: {rundir.as_write_error(e, e.filename or '.')}", file=sys.stderr)
         return 1
 
 

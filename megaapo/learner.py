@@ -19,11 +19,15 @@ One training step, in order:
   3. finish gradients: tied embedding (first + last stage) and the data-parallel reduction
   4. clip by the global gradient norm (each tensor-parallel shard counted once, replicated tensors once)
   5. Adam step on fp32 main weights at the scheduled learning rate (megaapo.optim: megatron-core's DDP buffers and
-     distributed optimizer on GPU, torch AdamW on CPU)
+     distributed optimizer on GPU, torch AdamW on CPU) -- unless some rank's loss or a gradient is NaN/inf: then
+     no rank updates anything (not the weights, not Adam's state, not the schedule), the update is counted as
+     skipped, and `optim.nonfinite=stop` ends the run after `optim.nonfinite_patience` such updates in a row
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,7 +44,9 @@ from megaapo.models.qwen2_5_vl.config import load_hf_config
 from megaapo.models.qwen2_5_vl.model import Qwen25VLModel
 from megaapo.models.qwen2_5_vl.rope import mrope_positions
 from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to_hf, tp_split_of
-from megaapo.optim import LRSchedule, make_optimizer
+from megaapo.optim import LRSchedule, NonFiniteError, make_optimizer
+
+log = logging.getLogger(__name__)
 
 # loss_fn(logp [n, R], entropy [n, R] | None, mask [n, R], rows) -> (scalar loss normalised by the *global* batch,
 # metrics). Row i holds the response log-probs of sample rows[i] (an index into train_step's `samples`), right-padded
@@ -81,6 +87,7 @@ class Learner:
             self.optim = make_optimizer(self.model, groups, optim_cfg, self.shape.tie_embeddings)
             self.lr_schedule = LRSchedule(optim_cfg, total_steps)
             self.lr_step = 0   # optimizer steps taken on the schedule
+            self.skipped_in_a_row = 0   # updates not applied for a NaN/inf loss or gradient, since the last applied
         else:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -251,6 +258,7 @@ class Learner:
         self.optim.zero_grad()
         mine = self._dp_share(samples)
         reports: list[dict] = []
+        finite = [True]
 
         def loss_of(mb, hidden):
             rows = [mine[r] for r in mb.rows]
@@ -261,20 +269,41 @@ class Learner:
                 lp, ent, mask = self._response_logprobs(hidden, mb, temperature, entropy)
                 loss, metrics = loss_fn(lp, ent, mask, rows)
             reports.append({k: float(v) for k, v in metrics.items()})
+            finite[0] &= math.isfinite(float(loss.detach()))
             return loss, torch.tensor(1), {}
 
         mbs = pack([samples[i] for i in mine], self.parallel.micro_batch_tokens, self.parallel.sequence_packing)
         if mbs:   # a replica left without samples still joins the gradient reduction, with zeros
             self._run(mbs, loss_of, False)
         self.optim.finish_grads()
-        if lr is None:
+        scheduled = lr is None
+        if scheduled:
             lr = self.lr_schedule(self.lr_step)
-            self.lr_step += 1
-        grad_norm = self.optim.step(lr)
-        self.version += 1
+        applied, grad_norm = self.optim.step(lr, loss_finite=finite[0])
+        if applied:
+            self.lr_step += scheduled
+            self.version += 1
+            self.skipped_in_a_row = 0
+        else:
+            self._skipped(finite[0], grad_norm)
         metrics = self._reduce_metrics(reports)
-        metrics.update(grad_norm=grad_norm, lr=lr)
+        metrics.update(grad_norm=grad_norm, lr=lr, skipped_updates=0.0 if applied else 1.0)
         return StepResult(metrics=metrics, num_microbatches=len(mbs))
+
+    def _skipped(self, loss_finite: bool, grad_norm: float) -> None:
+        """Count an update the non-finite guard refused (every rank does, in step); stop when told to."""
+        self.skipped_in_a_row += 1
+        cfg = self.optim.cfg
+        why = f"gradient norm {grad_norm}" + ("" if loss_finite else ", non-finite loss on this rank")
+        patience = cfg.nonfinite_patience if cfg.nonfinite == "stop" else None
+        log.warning("update skipped: NaN/inf in the loss or gradients of some rank (%s); the weights are unchanged "
+                    "(%d in a row%s)", why, self.skipped_in_a_row,
+                    f"; the run stops at {patience}: optim.nonfinite_patience" if patience else "")
+        if patience is not None and self.skipped_in_a_row >= patience:
+            raise NonFiniteError(
+                f"{self.skipped_in_a_row} updates in a row had a NaN/inf loss or gradient ({why}); none was applied, "
+                "so the weights and the newest checkpoint hold the last good state. Resume from it with a lower "
+                "optim.lr or tighter optim.grad_clip, or set optim.nonfinite=skip to skip such updates and go on")
 
     def copy_weights_from(self, other: "Learner") -> None:
         """Take another learner's current weights (same layout): the reference model after a warm-up."""
@@ -292,7 +321,8 @@ class Learner:
         model = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
         if not optimizer:
             return {"model": model}
-        optim = {"optimizer": self.optim.state_dict(), "lr_step": self.lr_step, "version": self.version}
+        optim = {"optimizer": self.optim.state_dict(), "lr_step": self.lr_step, "version": self.version,
+                 "skipped_in_a_row": self.skipped_in_a_row}
         return {"model": model, "optim": optim}
 
     def load_model_tensors(self, tensors: dict) -> None:
@@ -316,6 +346,7 @@ class Learner:
         self.optim.load_state_dict(shards["optim"]["optimizer"])
         self.lr_step = int(shards["optim"]["lr_step"])
         self.version = int(shards["optim"]["version"])
+        self.skipped_in_a_row = int(shards["optim"].get("skipped_in_a_row", 0))
 
     # ------------------------------------------------------------------ weights out
     def hf_weights(self, dtype: torch.dtype | None = None):
@@ -362,26 +393,54 @@ class Learner:
 
     def export_hf(self, out_dir, dtype: torch.dtype | None = None) -> Path:
         """Write the current policy as an HF directory that transformers and vLLM load (collective on all ranks):
-        one safetensors file per pipeline stage plus the index, config and tokenizer files."""
+        one safetensors file per pipeline stage plus the index, config and tokenizer files. Written into a tmp dir
+        that replaces `out_dir` only when complete; a failed write (disk full) removes it, leaves an earlier export
+        untouched and raises on every rank (a WriteError where it failed)."""
+        import json
+
         from safetensors.torch import save_file
 
+        from megaapo.checkpoint import replace_dir
         from megaapo.convert import _SIDE_FILES
+        from megaapo.rundir import WriteError, make_dir, writing
 
         g, out = self.groups, Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        what = f"exporting the policy to {out} failed (an earlier export there is untouched)"
+        tmp = out.with_name(f"{out.name}.tmp-export")   # one writer per run directory: a fixed name is safe
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_dir(tmp, what)
+        dist.barrier()
         fname = f"model-{g.pp_rank + 1:05d}-of-{g.pp_size:05d}.safetensors"
         tensors = {k: v.contiguous().cpu() for k, v in self.hf_weights(dtype)}
+        error = None
         if g.tp_rank == 0 and g.dp_rank == 0:
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            try:
+                with writing(tmp / fname, what, probe=True):
+                    save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            except WriteError as e:
+                error = e
         names = [None] * dist.get_world_size()
-        dist.all_gather_object(names, (fname, sorted(tensors)) if g.tp_rank == 0 and g.dp_rank == 0 else None)
-        if dist.get_rank() == 0:
-            weight_map = {n: f for item in names if item for f, ns in [item] for n in ns}
-            import json
-            (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                         indent=2))
-            for name in _SIDE_FILES:
-                if (self.hf_dir / name).is_file():
-                    shutil.copy2(self.hf_dir / name, out / name)
+        dist.all_gather_object(names, ((fname, sorted(tensors)) if g.tp_rank == 0 and g.dp_rank == 0 else None,
+                                       None if error is None else str(error)))
+        failed = next((e for _, e in names if e is not None), None)
+        if dist.get_rank() == 0 and failed is None:
+            weight_map = {n: f for item, _ in names if item for f, ns in [item] for n in ns}
+            try:
+                with writing(tmp, what):
+                    (tmp / "model.safetensors.index.json").write_text(
+                        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+                    for name in _SIDE_FILES:
+                        if (self.hf_dir / name).is_file():
+                            shutil.copy2(self.hf_dir / name, tmp / name)
+                    replace_dir(tmp, out)
+            except WriteError as e:
+                error = failed = e
+        if failed is not None and dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(failed)
         return out

@@ -10,8 +10,10 @@ Sinks:
   `<run_dir>/wandb/` otherwise (`wandb sync` uploads it later). Login never prompts; any W&B failure is one warning
   and the run goes on without it. On resume the same run id continues (`resume="allow"`); W&B ignores steps at or below
   the last one it already holds, and exact resume makes those equal to what it holds.
-- JSONL: `<run_dir>/metrics.jsonl`, one flushed line per step. Built with `start_step=k`, lines with step >= k are
-  dropped first (atomically), so after a resume the file equals an uninterrupted run's.
+- JSONL: `<run_dir>/metrics.jsonl`, one flushed line per step, always valid JSON: a NaN/inf value is written as
+  `null` and the row lists those keys under `"nonfinite"` (W&B gets the float itself). Built with `start_step=k`,
+  rows with step >= k are dropped first (atomically) and every other line is kept, so after a resume the file equals
+  an uninterrupted run's and no earlier row is ever lost. A failed write (disk full) is a `WriteError` naming the file.
 - Console: a compact rich line every `logging.console_every` steps, printed above the progress bar.
 
 Key names the loop, the plot and the table agree on (anything else is logged as given): `reward/total`,
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from megaapo.config import LoggingConfig
+from megaapo.rundir import writing
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,8 @@ class Metrics:
         self.console = console or Console()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
-            self._jsonl = _open_jsonl(self.jsonl_path, start_step)
+            with writing(self.jsonl_path):
+                self._jsonl = _open_jsonl(self.jsonl_path, start_step)
         self._run = self._init_wandb(config_dict or {}, run_id)
 
     # ------------------------------------------------------------------------------------------------ W&B
@@ -174,8 +178,9 @@ class Metrics:
         self._step_times = (self._step_times + [row["time/step"]])[-20:]
         if self._jsonl is not None:
             # flush, not fsync: a killed process loses nothing the kernel already holds, and resume rewrites the tail
-            self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
-            self._jsonl.flush()
+            with writing(self.jsonl_path, f"logging step {step}"):
+                self._jsonl.write(json_line(step, row))
+                self._jsonl.flush()
         self._log_wandb(step, row)
         if self.console_lines and step % self.cfg.console_every == 0:
             self.console.print(format_line(step, row, self._total))
@@ -237,8 +242,9 @@ class Metrics:
             self._jsonl.close()
             self._jsonl = None
             if self.cfg.plot:
-                png = plot(self.jsonl_path, self.run_dir / "metrics.png", keys=self.view["plot"],
-                           title=self.cfg.run_name or None)
+                with writing(self.run_dir / "metrics.png"):
+                    png = plot(self.jsonl_path, self.run_dir / "metrics.png", keys=self.view["plot"],
+                               title=self.cfg.run_name or None)
             if summary:
                 summary_table(self.jsonl_path, keys=self.view["summary"], console=self.console)
                 timing_table(self.jsonl_path, console=self.console)
@@ -266,24 +272,36 @@ def _wandb_mode(setting: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def json_line(step: int, row: Mapping[str, Any]) -> str:
+    """One JSONL line: NaN/inf (which `json.dumps` would write as bare `NaN`, not JSON) become null, and the row
+    names them under "nonfinite" so that they are counted rather than lost."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        row = {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
+    return json.dumps({"step": step, **row}, allow_nan=False) + "\n"
+
+
 def _open_jsonl(path: Path, start_step: int):
-    """Keep only complete lines with step < start_step (a SIGKILL can leave half a line), then append."""
-    kept: list[str] = []
-    if path.exists() and start_step > 0:
-        for line in path.read_text().splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break
+    """Drop the rows with step >= start_step (this run logs them again) and a half-written last line (a SIGKILL
+    mid-write; always the newest row), keep every other line as it is, then append."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and not _row_at_or_after(line, start_step)]
+        if kept != lines:
+            tmp = path.with_name(path.name + ".tmp")
             try:
-                step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            if step < start_step:
-                kept.append(line)
-    if path.exists() or kept:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return open(path, "a", buffering=1)
+
+
+def _row_at_or_after(line: str, start_step: int) -> bool:
+    try:
+        return json.loads(line)["step"] >= start_step
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _scalar(key: str, value: Any) -> Union[Number, str, bool]:

@@ -12,6 +12,13 @@ Both skip weight decay on biases and 1-D parameters (Megatron's rule), count ten
 replicated tensors once in the gradient norm, and sum data-parallel gradients (the loss is already normalised by the
 global batch, so `calculate_per_token_loss` keeps megatron from dividing by DP).
 
+Non-finite guard: `step` applies no update, on any rank, when some rank's loss or any gradient is NaN/inf, and says
+so (`applied=False`). The ranks agree through a reduction before anything changes: the loss flag is all-reduced
+(MAX) over every trainer rank; for torch the global gradient norm (all-reduced over TP and PP; gradients identical
+over DP) is checked before clipping; for megatron its own found-inf check runs (a constant loss scale of 1 turns
+it on in bf16/fp32: the main gradients are checked for inf/NaN and the flag all-reduced over the optimizer's ranks),
+and its `step` then returns `update_successful=False` without touching the weights.
+
 Owned by `megaapo.learner.Learner`; nothing else calls it.
 """
 
@@ -23,6 +30,10 @@ import torch
 import torch.distributed as dist
 
 from megaapo.models.qwen2_5_vl.weights import tp_split_of
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many updates in a row had a NaN/inf loss or gradient (`optim.nonfinite=stop`); none was applied."""
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -56,6 +67,15 @@ def make_optimizer(model, groups, cfg, tie_embeddings: bool):
     if resolve_impl(cfg.impl, groups.device) == "megatron":
         return MegatronOptimizer(model, groups, cfg, tie_embeddings)
     return TorchOptimizer(model, groups, cfg, tie_embeddings)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every trainer rank when `flag` is true on any (a collective over the default group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _set_lr(param_groups, lr: float) -> None:
@@ -130,9 +150,12 @@ class TorchOptimizer:
             dist.all_reduce(sq, group=g.pp)
         return float(sq.sqrt())
 
-    def step(self, lr: float) -> float:
-        """Clip, one AdamW step at `lr`, cast back to the model; returns the gradient norm before clipping."""
+    def step(self, lr: float, loss_finite: bool = True) -> tuple[bool, float]:
+        """Clip, one AdamW step at `lr`, cast back to the model -> (applied, gradient norm before clipping). No
+        update anywhere when any rank's loss or the norm is non-finite (see the module docstring)."""
         norm = self.grad_norm()
+        if any_rank(not loss_finite or not math.isfinite(norm), self.groups.device):
+            return False, norm
         clip = self.cfg.grad_clip
         if clip > 0 and norm > clip:
             for p in self.params:
@@ -147,7 +170,7 @@ class TorchOptimizer:
             with torch.no_grad():
                 for m, p in zip(self.master, self.params):
                     p.copy_(m)
-        return norm
+        return True, norm
 
     def reset_state(self) -> None:
         self.optimizer.state.clear()
@@ -189,10 +212,12 @@ class MegatronOptimizer:
                                                 use_distributed_optimizer=True)
         # calculate_per_token_loss (set by the learner) makes megatron SUM data-parallel gradients.
         self.ddp = DistributedDataParallel(model.config, ddp_cfg, model, pg_collection=groups.pgc)
+        # loss_scale=1.0: a constant grad scaler, which makes megatron check the main gradients for inf/NaN before
+        # every step (it only does with a scaler) and skip the step on all ranks; scaling by 1 changes no number.
         opt_cfg = OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                   adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
                                   clip_grad=cfg.grad_clip, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                                  params_dtype=dtype, use_distributed_optimizer=True)
+                                  params_dtype=dtype, use_distributed_optimizer=True, loss_scale=1.0)
         # The standard overrides are megatron's no-weight-decay rule for biases and 1-D parameters.
         self.optimizer = get_megatron_optimizer(opt_cfg, [self.ddp], get_standard_config_overrides(opt_cfg),
                                                 pg_collection=groups.pgc, use_gloo_process_groups=False)
@@ -215,15 +240,19 @@ class MegatronOptimizer:
             dist.all_reduce(self.model.lm.shared_embedding_or_output_weight().main_grad, group=self.groups.embd)
         self.ddp.finish_grad_sync()
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, loss_finite: bool = True) -> tuple[bool, float]:
+        """megatron's step at `lr` -> (applied, gradient norm); not applied when any rank's loss is non-finite or
+        megatron's found-inf check sees an inf/NaN gradient (then the norm is NaN: megatron does not compute it)."""
+        if any_rank(not loss_finite, self.groups.device):
+            return False, math.nan
         # megatron's groups carry multipliers that its own scheduler (not used here) applies at every step.
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.cfg.weight_decay * group.get("wd_mult", 1.0)
         ok, norm, _ = self.optimizer.step()
         if not ok:
-            raise FloatingPointError("megatron optimizer skipped the step: inf/nan in the fp16 gradients")
-        return float(norm)
+            return False, math.nan
+        return True, float(norm)
 
     def reset_state(self) -> None:
         for part in self._parts():

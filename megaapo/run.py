@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megaapo import checkpoint as ckpt
+from megaapo import rundir
 
 log = logging.getLogger("megaapo.train")
 
@@ -65,10 +66,11 @@ class Run:
         self.groups = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.output_dir)
+        self.ckpt_root = ckpt.checkpoint_root(cfg.checkpoint, self.run_dir)
         # Rank 0 builds the tiny model / synthetic data first; the others then find them ready.
         if self.rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self._lock()
+            rundir.write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             inputs = prepare_inputs(cfg.model, cfg.data, self.run_dir, supervised=self.job == "sft")
             for r in inputs.reports:
                 log.info(r.summary())
@@ -105,7 +107,6 @@ class Run:
             self.reference = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, None)
         self.stream = PromptStream(len(self.train), d.seed, d.shuffle)
         self.state = ckpt.TrainState()
-        self.ckpt_root = ckpt.checkpoint_root(cfg.checkpoint, self.run_dir)
         resumed = self._resume()
         # The checkpoint's own step was logged by the run that wrote it; this run's first row is the next one.
         self.metrics = Metrics(cfg.logging, self.run_dir, to_dict(cfg), enabled=self.rank0,
@@ -154,11 +155,25 @@ class Run:
             log.info("%d rollout engine(s) ready %.1fs after their start", self.cfg.rollout.num_engines,
                      time.perf_counter() - self._engines_t0)
 
+    def _lock(self) -> None:
+        """One writer per run directory (and per checkpoint root elsewhere), taken before anything is written; a
+        no-op where `megaapo train`/`sft` already took it. Released when the run closes."""
+        for d, what in ((self.run_dir, "run directory"), (self.ckpt_root, "checkpoint directory")):
+            if d == self.run_dir or self.run_dir.resolve() not in d.resolve().parents:
+                self._closers.append(rundir.acquire(d, what).release)
+
     def _resume(self) -> bool:
-        path = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root)
+        """Every rank: the verified checkpoint to continue from (or a fresh start). Rank 0 first moves aside what
+        the continuation would otherwise destroy: everything of an earlier run before a fresh start, checkpoints
+        newer than the one resumed (refused ones, or another timeline after resuming an older one)."""
+        path = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root, group=dist.group.WORLD)
+        if self.rank0:
+            after = -1 if path is None else int(ckpt.read_manifest(path)["step"])
+            newer = [p for step, p in ckpt.list_checkpoints(self.ckpt_root) if step > after and p != path]
+            rundir.archive_history(self.run_dir, newer, metrics=path is None)
         if path is None:
             return False
-        loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False)
+        loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False, verified=True)
         self.policy.load_state_shards(loaded.shards)
         if self.reference is not None and "ref" in loaded.shards:
             self.reference.load_model_tensors(loaded.shards["ref"])

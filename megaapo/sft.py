@@ -131,7 +131,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    return main(load_config(argv[0], argv[1:]))
+    from megaapo.cli import report_errors
+
+    return report_errors(lambda: main(load_config(argv[0], argv[1:])))
 
 
 if __name__ == "__main__":

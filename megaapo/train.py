@@ -86,6 +86,7 @@ def update_metrics(updates) -> dict:
     out = {k: sum(u.metrics.get(k, 0.0) for u in updates) / len(updates) for k in keys}
     out.update({k: v for k, v in updates[0].metrics.items() if k.startswith("mismatch/")})
     out["updates"] = len(updates)
+    out["skipped_updates"] = sum(u.metrics.get("skipped_updates", 0.0) for u in updates)   # NaN/inf guard
     return out
 
 
@@ -162,13 +163,9 @@ def cli(argv: list[str] | None = None) -> int:
     overrides = argv[1:] if argv and "=" not in argv[0] else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from megaapo.config import ConfigError
+    from megaapo.cli import report_errors
 
-    try:
-        return main(load_config(preset, overrides))
-    except ConfigError as e:   # the same one line on every rank, as `megaapo train` prints it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: main(load_config(preset, overrides)))
 
 
 if __name__ == "__main__":

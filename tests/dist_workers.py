@@ -227,3 +227,52 @@ def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
                               "weights": _weights(resumed)}
     torch.save(out, f"{out_file}.{rank}")
     destroy()
+
+
+# ------------------------------------------------------------------ non-finite guard (tests/test_optim.py)
+def nonfinite_worker(rank, world, port, hf_path, impls, out_file):
+    """Data-parallel replicas (DP = world), per optimizer implementation. Faults on the last rank only: a NaN
+    gradient (a hook on one weight), then a NaN loss whose gradients are finite; then a clean update; then NaN
+    updates until optim.nonfinite=stop ends the run. Each rank saves what it saw."""
+    from megaapo.distributed import destroy, init_distributed, set_rank_env
+
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    groups = init_distributed(tp=1, pp=1)
+    torch.save({impl: _nonfinite_updates(hf_path, groups, impl, faulty=rank == world - 1) for impl in impls},
+               f"{out_file}.{rank}")
+    destroy()
+
+
+def _nonfinite_updates(hf_path, groups, impl, faulty):
+    from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
+    from megaapo.learner import Learner
+    from megaapo.optim import NonFiniteError
+
+    learner = Learner(hf_path, groups, ModelConfig(dtype="float32"), ParallelConfig(micro_batch_tokens=10**9),
+                      OptimConfig(impl=impl, lr=1e-3, schedule="constant", nonfinite="stop", nonfinite_patience=3),
+                      total_steps=10)
+    samples, loss_fn = optim_batch(learner, hf_path)
+    param = dict(learner.model.named_parameters())["lm.decoder.layers.0.mlp.linear_fc1.weight"]
+
+    def nan_loss(*args):
+        loss, metrics = loss_fn(*args)
+        return (loss + float("nan"), metrics) if faulty else (loss, metrics)   # a constant: gradients stay finite
+
+    out = {"start": _weights(learner), "metrics": [], "weights": []}
+    hook = param.register_hook(lambda g: g * float("nan")) if faulty else None
+    for fn in (loss_fn, nan_loss, loss_fn):
+        out["metrics"].append(learner.train_step(samples, fn).metrics)
+        out["weights"].append(_weights(learner))
+        if hook is not None:
+            hook.remove()
+            hook = None
+    out["lr_step"], out["version"] = learner.lr_step, learner.version
+    out["raised_at"] = None
+    for i in range(3):
+        try:
+            learner.train_step(samples, nan_loss)
+        except NonFiniteError as e:
+            out["raised_at"], out["error"] = i + 1, str(e)
+            break
+    return out

@@ -118,6 +118,40 @@ def test_jsonl_resume_equals_an_uninterrupted_run(tmp_path):
     assert M.read_jsonl(run / "metrics.jsonl") == []
 
 
+def test_nonfinite_values_keep_the_jsonl_valid_json(tmp_path):
+    """A diverged step logs NaN/inf: the file stays strict JSON (null, with the keys listed under "nonfinite"), the
+    plot and tables skip them, and W&B still gets the floats."""
+    cfg = LoggingConfig(wandb="disabled", plot=True)
+    console, _ = _quiet_console()
+    m = M.Metrics(cfg, tmp_path, enabled=True, console=console)
+    m.log(0, {"kl": 0.5, "grad_norm": 1.0})
+    logged = m.log(1, {"kl": float("nan"), "grad_norm": float("inf"), "entropy": -float("inf"), "reward/total": 1})
+    m.log(2, {"kl": 0.25, "grad_norm": torch.tensor(float("nan"))})
+    assert m.finish() is not None
+    assert logged["kl"] != logged["kl"]   # what W&B receives is unchanged
+
+    def strict(const):
+        raise ValueError(f"not JSON: {const}")
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["kl"] is None and rows[1]["grad_norm"] is None and rows[1]["entropy"] is None
+    assert rows[1]["nonfinite"] == ["kl", "grad_norm", "entropy"] and rows[1]["reward/total"] == 1
+    assert rows[2]["nonfinite"] == ["grad_norm"] and "nonfinite" not in rows[0]
+    assert M._series(rows, "kl") == ([0, 2], [0.5, 0.25])
+
+
+def test_resume_never_drops_rows_before_the_checkpoint(tmp_path):
+    """Only rows past the checkpoint's step and a torn last line go; every earlier line stays as it was, even one
+    no reader understands."""
+    cfg = LoggingConfig(wandb="disabled", plot=False)
+    console, _ = _quiet_console()
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "kl": s}) + "\n" for s in range(6)]
+    lines.insert(2, "a line from another tool\n")
+    path.write_text("".join(lines) + '{"step": 6, "k')
+    M.Metrics(cfg, tmp_path, enabled=True, console=console, start_step=4).finish(summary=False)
+    assert path.read_text() == "".join(lines[:5])
+
+
 def test_timer_accumulates_per_step(tmp_path):
     m = M.Metrics(LoggingConfig(wandb="disabled", plot=False), tmp_path, console=_quiet_console()[0])
     for _ in range(3):

@@ -105,3 +105,26 @@ def test_resume_refuses_other_optimizer(tiny_model):
 
     with pytest.raises(ValueError, match="optim.impl=torch"):
         _check_impl({"impl": "torch"}, "megatron")
+
+
+def test_nonfinite_update_is_skipped_on_every_rank(tiny_model, tmp_path):
+    """For both optimizers: a NaN gradient, and separately a NaN loss with finite gradients, on one of two
+    data-parallel ranks: neither update touches the weights on either rank (they agree through a reduction;
+    megatron through its own found-inf check), both are counted, the schedule does not advance, the next clean
+    update applies, and with optim.nonfinite=stop the third skip in a row ends the run on every rank."""
+    from dist_workers import nonfinite_worker
+
+    ranks = _run(nonfinite_worker, 2, str(tiny_model), ("torch", "megatron"), tmp_path=tmp_path, name="nan")
+    for impl in ("torch", "megatron"):
+        for r in (ranks[0][impl], ranks[1][impl]):
+            for i in (0, 1):   # the two faulty updates
+                assert r["metrics"][i]["skipped_updates"] == 1.0, impl
+                _close(r["weights"][i], r["start"], 0.0, f"{impl}: weights after skipped update {i}")
+            assert r["metrics"][0]["grad_norm"] != r["metrics"][0]["grad_norm"]   # NaN: reported as it was
+            assert r["metrics"][2]["skipped_updates"] == 0.0 and r["metrics"][2]["grad_norm"] > 0
+            moved = max(float((r["weights"][2][k] - r["start"][k]).abs().max()) for k in r["start"])
+            assert moved > 1e-6, impl
+            assert r["lr_step"] == 1 and r["version"] == 1
+            assert r["raised_at"] == 3 and "3 updates in a row had a NaN/inf loss or gradient" in r["error"]
+        _close(ranks[0][impl]["weights"][2], ranks[1][impl]["weights"][2], 0.0, f"{impl}: replicas")
+    _close(ranks[0]["torch"]["weights"][2], ranks[0]["megatron"]["weights"][2], 2e-6, "torch vs megatron")

@@ -96,11 +96,11 @@ def _install_optimizer() -> None:
     """megatron-core's DDP buffers, distributed optimizer and gradient clipping on CPU."""
     import megatron.core.utils as mutils
     from megatron.core.distributed import param_and_grad_buffer
-    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
     from megatron.core.optimizer import optimizer as moptimizer
 
-    for module in (param_and_grad_buffer, moptimizer, distrib_optimizer, clip_grads, mutils):
-        module.torch = _CudaToCpu()   # overflow flags, norms and warm-up tensors made on "cuda"
+    for module in (param_and_grad_buffer, moptimizer, distrib_optimizer, clip_grads, mutils, grad_scaler):
+        module.torch = _CudaToCpu()   # overflow flags, norms, loss scales and warm-up tensors made on "cuda"
     build = distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups
     distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = staticmethod(
         _with_cuda_type_names(build))
