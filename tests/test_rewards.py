@@ -227,6 +227,24 @@ def test_pool_scores_in_order_and_times_out_pathological_responses():
         assert again.total == [1.5] and again.timeouts == 0
 
 
+def test_batch_deadline_holds_with_several_pathological_responses():
+    """Five power towers (each would take sympy minutes) among fifteen responses, one worker, timeout_s=2: the batch
+    takes about timeout_s plus scheduling, not (as before) about 2 x timeout_s per tower one after another (~12 s);
+    each tower scores 0 and is counted as a timeout, and every ordinary response is scored as usual."""
+    good = RewardInput("<think>x</think><answer>3</answer>", "3")
+    wrong = RewardInput("<think>x</think><answer>\\frac{8}{2}</answer>", "3")
+    towers = [RewardInput(f"<think>x</think><answer>{b}^{{{b}^{{{b}^{{{b}^{{{b}}}}}}}}}</answer>", "3")
+              for b in range(5, 10)]
+    with RewardScorer({"accuracy": 1.0, "format": 0.5}, num_workers=1, timeout_s=2.0) as scorer:
+        scorer.score([good])   # the worker is up (first use starts the forkserver)
+        batch = scorer.score([x for tower in towers for x in (good, tower, wrong)])
+        again = scorer.score([wrong, good])
+    assert batch.total == [1.5, 0.0, 0.5] * 5
+    assert batch.timeouts == 5 and batch.failed == [1, 4, 7, 10, 13] and batch.errors == 0
+    assert batch.seconds < 2.0 + 2.5, batch.seconds   # 2.0-2.3 s on an idle 2-core machine
+    assert again.total == [0.5, 1.5] and again.timeouts == 0
+
+
 _GROUP_SIGTERM = """
 import os, signal
 from megaapo.rewards import RewardInput
