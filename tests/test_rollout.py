@@ -165,6 +165,48 @@ def test_killed_engine_raises_clear_error_within_timeout(vl_model, tmp_path):
 
 
 @pytest.mark.vllm
+def test_engine_leaves_no_temporary_files(vl_model, tmp_path):
+    """vLLM writes a `vllm_dist_*` rendezvous file into $TMPDIR at every start and never removes it: each engine gets
+    a temporary directory of its own, removed with it."""
+    import glob
+    import tempfile
+
+    def leftovers():
+        return set(glob.glob(f"{tempfile.gettempdir()}/vllm_dist_*"))
+
+    before = leftovers()
+    client = RolloutClient(_cfg(), vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
+    try:
+        private = client.engines[0].tmp_dir
+        assert list(private.glob("vllm_dist_*")), "vLLM's rendezvous file should be in the engine's own TMPDIR"
+    finally:
+        client.shutdown()
+    assert not private.exists() and leftovers() == before
+
+
+def test_death_message_says_only_what_the_engine_said(tmp_path):
+    """A dead engine's error carries its own last words (its error line, or the exception that ended it), never the
+    unrelated tail of its log: a killed engine wrote nothing about being killed."""
+    from megaapo.rollout.client import EngineHandle
+
+    log = tmp_path / "engine_0.log"
+    chatter = "INFO 12-06 model loading took 0.1 s\nINFO 12-06 Avg prompt throughput: 3.1 tokens/s\n"
+    log.write_text(chatter)
+    killed = subprocess.Popen(["sleep", "60"])
+    killed.kill()
+    killed.wait()
+    assert str(EngineHandle(0, proc=killed, log_path=log).death("generating")) == \
+        f"engine 0 (pid {killed.pid}) died while generating (killed by SIGKILL); log: {log}"
+    log.write_text(chatter + "Traceback (most recent call last):\n  File \"engine.py\", line 9, in generate\n"
+                   "    raise MemoryError\nMemoryError: cannot allocate the KV cache\nINFO 12-06 shutting down\n")
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failed.wait()
+    assert str(EngineHandle(0, proc=failed, log_path=log).death("generating")) == \
+        (f"engine 0 (pid {failed.pid}) died while generating (exit code 1): MemoryError: cannot allocate the KV "
+         f"cache; log: {log}")
+
+
+@pytest.mark.vllm
 def test_bad_model_path_reports_engines_own_message(tmp_path):
     with pytest.raises(EngineError) as err:
         RolloutClient(_cfg(), tmp_path / "no_such_model", "float32", log_dir=tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,11 +51,11 @@ class EngineHandle:
     """One engine: a process this client started, or an address a launcher gave us."""
 
     def __init__(self, index: int, address: str | None = None, proc: subprocess.Popen | None = None,
-                 log_path: Path | None = None, endpoint_file: Path | None = None):
+                 log_path: Path | None = None, endpoint_file: Path | None = None, tmp_dir: Path | None = None):
         import msgspec
 
         self.index, self.address, self.proc = index, address, proc
-        self.log_path, self.endpoint_file = log_path, endpoint_file
+        self.log_path, self.endpoint_file, self.tmp_dir = log_path, endpoint_file, tmp_dir
         self.sock = None
         self.info: dict = {}
         self._enc, self._dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
@@ -82,21 +83,25 @@ class EngineHandle:
 
     def death(self, what: str) -> EngineError:
         rc = self.proc.poll()
-        how = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit code {rc}"
-        reason = self.log_reason()
+        killed = rc is not None and rc < 0
+        how = f"killed by {signal.Signals(-rc).name}" if killed else f"exit code {rc}"
+        reason = self.log_reason(killed)
         return EngineError(f"{self.name} died while {what} ({how})" + (f": {reason}" if reason else "")
                            + (f"; log: {self.log_path}" if self.log_path else ""))
 
-    def log_reason(self, lines: int = 6) -> str:
-        """The engine's own account of a failure: its error line, else the tail of its log."""
+    def log_reason(self, killed: bool = False) -> str:
+        """The engine's own account of its end: its error line, else the exception that ended it; nothing for an
+        engine killed by a signal (it wrote nothing about that; the last lines of its log are about something
+        else) or one whose log holds no error."""
         if not self.log_path or not self.log_path.exists():
             return ""
         text = self.log_path.read_text(errors="replace").splitlines()
         marked = [ln.split(ERROR_MARKER, 1)[1] for ln in text if ERROR_MARKER in ln]
         if marked:
             return marked[-1]
-        tail = [ln.strip() for ln in text if ln.strip()][-lines:]
-        return " | ".join(tail)[-1200:]
+        if killed:
+            return ""
+        return _last_exception(text)[-1200:]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -113,6 +118,19 @@ class EngineHandle:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        if self.tmp_dir is not None and (self.proc is None or self.proc.poll() is not None):
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)   # vLLM's rendezvous files (vllm_dist_*) live there
+
+
+def _last_exception(lines: list[str]) -> str:
+    """The final line of the last Python traceback in a log ("ValueError: ..."), or ""."""
+    start = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")), default=None)
+    if start is None:
+        return ""
+    for ln in lines[start + 1:]:
+        if ln and not ln.startswith((" ", "\t", "Traceback")):
+            return ln.strip()
+    return ""
 
 
 class _Background(threading.Thread):
@@ -205,13 +223,21 @@ class RolloutClient:
             endpoint_file = log_dir / f"engine_{i}.endpoint"
             endpoint_file.unlink(missing_ok=True)
             log_path = log_dir / f"engine_{i}.log"
+            # A temporary directory of its own: vLLM leaves a `vllm_dist_*` rendezvous file in $TMPDIR per start;
+            # removed with the engine (by this client, or by the engine itself when it outlives the trainer).
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f"megaapo-engine{i}-"))
             cmd = [sys.executable, "-m", "megaapo.rollout.server", "--spec-json", json.dumps(asdict(spec)),
                    "--bind", "tcp://127.0.0.1:0", "--endpoint-file", str(endpoint_file),
-                   "--parent-pid", str(os.getpid())]
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
-            self.engines.append(EngineHandle(i, proc=proc, log_path=log_path, endpoint_file=endpoint_file))
+                   "--parent-pid", str(os.getpid()), "--tmp-dir", str(tmp_dir)]
+            try:
+                with open(log_path, "wb") as log:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(env, TMPDIR=str(tmp_dir)), start_new_session=True)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            self.engines.append(EngineHandle(i, proc=proc, log_path=log_path, endpoint_file=endpoint_file,
+                                             tmp_dir=tmp_dir))
         # The server binds before it imports vLLM, so its address is known within about a second.
         deadline = time.monotonic() + self.cfg.start_timeout_s
         waiting = list(self.engines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -25,8 +26,23 @@ import traceback
 from megaapo.rollout.types import ERROR_MARKER
 
 
+_TMP_DIR: str | None = None   # --tmp-dir: this engine's private $TMPDIR, removed however the engine ends
+
+
+def _remove_tmp_dir() -> None:
+    if _TMP_DIR:
+        shutil.rmtree(_TMP_DIR, ignore_errors=True)
+
+
+def _exit(code: int) -> None:
+    """End the process without interpreter teardown (vLLM's atexit hooks and threads can stall it)."""
+    _remove_tmp_dir()
+    os._exit(code)
+
+
 def _fail(msg: str, code: int = 1) -> None:
     print(ERROR_MARKER + msg.replace("\n", " | "), file=sys.stderr, flush=True)
+    _remove_tmp_dir()
     sys.exit(code)
 
 
@@ -41,7 +57,7 @@ def _watch_parent(parent_pid: int) -> None:
     def loop():
         while True:
             if os.getppid() != parent_pid:
-                os._exit(3)
+                _exit(3)
             time.sleep(1.0)
     threading.Thread(target=loop, name="megaapo-parent-watch", daemon=True).start()
 
@@ -123,7 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)      # set by RolloutClient
     p.add_argument("--endpoint-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--tmp-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global _TMP_DIR
+    _TMP_DIR = args.tmp_dir
 
     from megaapo.rollout.types import apply_engine_env
 
@@ -150,7 +169,7 @@ def main(argv=None) -> None:
     serve(sock, engine)
     sys.stdout.flush()
     # vLLM's atexit hooks and worker threads can stall interpreter teardown; the engine holds nothing to flush.
-    os._exit(0)
+    _exit(0)
 
 
 if __name__ == "__main__":
