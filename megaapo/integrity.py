@@ -144,12 +144,21 @@ def tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def nonfinite(shards: dict) -> Optional[str]:
-    """None when every floating tensor in `shards` (weights, optimizer state) is finite, else which is not."""
-    bad: list[str] = []
+    """None when every floating tensor in `shards` (weights, optimizer state) is finite, else which are not.
+
+    One fused norm per dtype and device over all tensors (NaN and inf propagate into a norm; one launch instead of a
+    few hundred small ones), then the exact check only for a tensor whose norm is not finite (NaN/inf, or an
+    overflow of finite values)."""
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for name, state in shards.items():
         for key, t in tensors(state):
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                bad.append(f"{name}:{key}")
+            if t.is_floating_point() and t.numel():
+                groups.setdefault((t.device, t.dtype), []).append((f"{name}:{key}", t))
+    bad: list[str] = []
+    for items in groups.values():
+        norms = torch._foreach_norm([t for _, t in items])
+        suspects = (~torch.isfinite(torch.stack(norms))).nonzero().flatten().tolist()
+        bad += [items[i][0] for i in suspects if not bool(torch.isfinite(items[i][1]).all())]
     if not bad:
         return None
     return f"{len(bad)} tensor(s) hold NaN/inf values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"

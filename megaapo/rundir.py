@@ -157,11 +157,11 @@ class RunLock:
 
     def __init__(self, directory: Path, fd: int, previous: Optional[dict]):
         self.directory, self.path, self.fd, self.previous = directory, directory / LOCK_NAME, fd, previous
-        self.count = 1
+        self.count, self.pid = 1, os.getpid()
 
     def release(self) -> None:
         self.count -= 1
-        if self.count > 0 or self.fd < 0:
+        if self.count > 0 or self.fd < 0 or os.getpid() != self.pid:   # a forked child never releases it
             return
         _HELD.pop(str(self.directory), None)
         try:
