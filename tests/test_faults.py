@@ -163,7 +163,6 @@ def test_two_runs_on_one_directory(tmp_path):
 _HOLD = """
 import sys, time
 from megaapo import rundir
-from test_train import SMALL, _env
 rundir.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)
