@@ -270,7 +270,12 @@ def _finalise(tmp: Path, final: Path, step: int, world_size: int) -> None:
         if size != info["size"]:
             raise CheckpointError(f"{tmp / name}: {size} bytes on disk, {info['size']} written")
     shutil.rmtree(tmp / _PARTS)
-    manifest = {"format": 1, "step": step, "world_size": world_size, "created": time.time(), "files": files}
+    _commit(tmp, final, {"format": 1, "step": step, "world_size": world_size, "files": files})
+
+
+def _commit(tmp: Path, final: Path, manifest: dict) -> None:
+    """Write the COMPLETE manifest into the finished `tmp` directory and rename it to `final` (atomic)."""
+    manifest = {**manifest, "created": time.time()}
     _write_durable(tmp / MARKER, json.dumps(manifest, indent=1, sort_keys=True).encode())
     _fsync_path(tmp)
     old = None
@@ -412,6 +417,31 @@ def load(path: PathLike, rank: int = 0, map_location: Union[str, torch.device] =
     return Loaded(path, int(manifest["step"]), shards, meta)
 
 
+def read_meta(path: PathLike) -> dict:
+    """The run state (`meta.json`) of a complete checkpoint."""
+    return json.loads((Path(path) / META).read_text())
+
+
+def why_this_checkpoint(ckpt_root: PathLike, chosen: PathLike) -> str:
+    """Why `chosen` is the checkpoint a resume takes, in a few words: it is the newest, or which newer saves were not
+    committed (a save killed mid-write leaves a `step_N.tmp-*` directory) or are incomplete."""
+    chosen, root = Path(chosen), Path(ckpt_root)
+    m = _STEP_RE.match(chosen.name)
+    if chosen.parent != root or m is None:
+        return "the checkpoint asked for (checkpoint.resume)"
+    step = int(m.group(1))
+    newer = []
+    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
+        n = re.match(r"^step_(\d+)(\.tmp-.*)?$", p.name)
+        if n is None or int(n.group(1)) <= step or ".tmp-old-" in p.name or ".tmp-del-" in p.name:
+            continue
+        if n.group(2):
+            newer.append(f"step_{n.group(1)} was not committed (its save was interrupted: {p.name} has no {MARKER})")
+        else:
+            newer.append(f"{p.name} is incomplete ({check_complete(p)})")
+    return "the newest complete checkpoint" + (f"; {'; '.join(newer)}" if newer else "")
+
+
 def resolve_resume(cfg: CheckpointConfig, ckpt_root: PathLike, group: Any = None) -> Optional[Path]:
     """The checkpoint to resume from (collective over `group`: every rank gets the same answer), verified:
     `none` -> None; `auto` -> the newest usable one under ckpt_root, None when there are no checkpoints at all, an
@@ -459,6 +489,9 @@ class TrainState:
     weight_version: int = 0
     data_position: dict = field(default_factory=dict)   # the sampler's own state: epoch, index, seed, ...
     run_id: Optional[str] = None                        # W&B run id, so a resumed run continues the same W&B run
+    # Generation state a resume needs beyond the data position: under asynchronous RL, the prompts in flight
+    # (issued to the engines, not yet trained on), so that after a crash none is lost or repeated.
+    rollout: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -9,7 +9,8 @@
     megaapo data check PATH [--model DIR]               validate a data file and print counts per skip reason
     megaapo model tiny --out DIR [--vocab small|real]   write a tiny random-weight Qwen2.5-VL checkpoint
     megaapo convert hf-to-mcore SRC DST --tp T --pp P   shard an HF checkpoint for the learner
-    megaapo convert mcore-to-hf SRC DST                 gather a sharded checkpoint back to HF (bit-exact)
+    megaapo convert mcore-to-hf SRC DST                 gather a sharded (or training) checkpoint back to HF (bit-exact)
+    megaapo convert reshard SRC DST --tp T --pp P       re-lay out a sharded or training checkpoint
     megaapo check parity --hf DIR --tp T --pp P         learner vs transformers: logits, log-probs, gradients
     megaapo check parity --hf DIR --packed              the same with the batch packed into one row
 
@@ -117,11 +118,13 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- convert, check
 def cmd_convert(args: argparse.Namespace) -> int:
-    from megaapo.convert import hf_to_mcore, mcore_to_hf
+    from megaapo.convert import hf_to_mcore, mcore_to_hf, reshard
 
     t0 = time.perf_counter()
     if args.convert_command == "hf-to-mcore":
         out = hf_to_mcore(args.src, args.dst, tp=args.tp, pp=args.pp)
+    elif args.convert_command == "reshard":
+        out = reshard(args.src, args.dst, tp=args.tp, pp=args.pp, dp=args.dp)
     else:
         out = mcore_to_hf(args.src, args.dst)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
@@ -307,10 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--tp", type=int, default=1)
     h2m.add_argument("--pp", type=int, default=1)
     h2m.set_defaults(fn=cmd_convert)
-    m2h = cv.add_parser("mcore-to-hf", help="megatron-core shards -> HF directory (transformers, vLLM)")
+    m2h = cv.add_parser("mcore-to-hf", help="megatron-core shards or a training checkpoint (step_N: its policy) -> "
+                                            "HF directory (transformers, vLLM)")
     m2h.add_argument("src")
     m2h.add_argument("dst")
     m2h.set_defaults(fn=cmd_convert)
+    rs = cv.add_parser("reshard", help="an hf-to-mcore directory or a training checkpoint (step_N, or a directory of "
+                                       "them: the newest) laid out again at TP x PP (x DP); a checkpoint of megaapo's "
+                                       "old per-rank format is converted to the current one")
+    rs.add_argument("src")
+    rs.add_argument("dst")
+    rs.add_argument("--tp", type=int, default=1)
+    rs.add_argument("--pp", type=int, default=1)
+    rs.add_argument("--dp", type=int, default=1, help="data-parallel processes (training checkpoints)")
+    rs.set_defaults(fn=cmd_convert)
 
     ck = sub.add_parser("check", help="correctness checks").add_subparsers(dest="check_command", required=True)
     par = ck.add_parser("parity", help="learner vs transformers on the same weights and a batch with images")

@@ -247,6 +247,8 @@ class CheckpointConfig:
     save_on_sigterm: bool = _opt(True, help="on SIGTERM/SIGUSR1 (SLURM pre-emption) save at the next step, then exit")
     checksum: bool = _opt(True, help="an XXH3-128 checksum of every file in the manifest, verified before a checkpoint "
                                      "is resumed (a file changed in place is refused); costs docs/faults.md")
+    async_save: bool = _opt(True, help="write checkpoints in the background (megatron-core's async save) while "
+                                       "training goes on; a checkpoint is visible only once complete")
     export_hf: bool = True
 
 

@@ -147,33 +147,48 @@ def resolve_checkpoint(path, groups, out_dir: Path) -> Path:
 
 
 def _export_training_checkpoint(step_dir: Path, groups, out_dir: Path) -> Path:
-    """Load a `step_N` checkpoint into the learner it was written by (its run's config.yaml says which model and
-    layout) and write it as an HF directory under out_dir (reused when already there)."""
-    import torch.distributed as dist
-
-    from megaapo import checkpoint as ckpt
-    from megaapo.assets import ensure_model
+    """Load the policy of a `step_N` checkpoint at this process's layout (any layout: the checkpoint is resharded as
+    it is read; one written by megaapo before dist_checkpointing needs the layout that wrote it) and write it as an
+    HF directory under out_dir (reused when already there)."""
+    from megaapo import dist_checkpoint as dckpt
     from megaapo.config import load_config
-    from megaapo.learner import Learner
 
     out = out_dir / f"hf_{step_dir.name}"
     if (out / "model.safetensors.index.json").is_file():
         return out
     run_dir = step_dir.parent.parent
-    if not (run_dir / "config.yaml").is_file():
+    run_cfg = load_config(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else None
+    if dckpt.format_of(step_dir) >= 2:
+        from megaapo.config import ModelConfig, ParallelConfig
+
+        model_cfg = run_cfg.model if run_cfg is not None else ModelConfig()
+        learner = dckpt.load_policy(step_dir, groups, model_cfg, ParallelConfig(tp=groups.tp_size, pp=groups.pp_size))
+    else:
+        learner = _load_format1(step_dir, groups, run_dir, run_cfg)
+    log.info("exporting %s as an HF directory for the engines: %s", step_dir, out)
+    return learner.export_hf(out)
+
+
+def _load_format1(step_dir: Path, groups, run_dir: Path, run_cfg):
+    import torch.distributed as dist
+
+    from megaapo import checkpoint as ckpt
+    from megaapo.assets import ensure_model
+    from megaapo.learner import Learner
+
+    if run_cfg is None:
         raise FileNotFoundError(f"{step_dir}: no config.yaml in its run directory {run_dir}, so the model it was "
                                 "trained from is unknown; export it with the run's own config")
-    run_cfg = load_config(str(run_dir / "config.yaml"))
     world = ckpt.read_manifest(step_dir)["world_size"]
     if world != dist.get_world_size() or (run_cfg.parallel.tp, run_cfg.parallel.pp) != (groups.tp_size,
                                                                                           groups.pp_size):
         raise ValueError(f"{step_dir} was written by {world} ranks at tp={run_cfg.parallel.tp} "
-                         f"pp={run_cfg.parallel.pp}; run eval with the same layout (torchrun --nproc_per_node "
-                         f"{world} ... parallel.tp={run_cfg.parallel.tp} parallel.pp={run_cfg.parallel.pp})")
+                         f"pp={run_cfg.parallel.pp} (megaapo's format 1); run eval with the same layout (torchrun "
+                         f"--nproc_per_node {world} ... parallel.tp={run_cfg.parallel.tp} "
+                         f"parallel.pp={run_cfg.parallel.pp})")
     learner = Learner(ensure_model(run_cfg.model, run_dir), groups, run_cfg.model, run_cfg.parallel, None)
     learner.load_model_tensors(ckpt.load(step_dir, rank=dist.get_rank(), weights_only=False).shards["model"])
-    log.info("exporting %s as an HF directory for the engines: %s", step_dir, out)
-    return learner.export_hf(out)
+    return learner
 
 
 def benchmark_files(cfg, run_dir: Path) -> dict[str, Path]:

@@ -62,7 +62,10 @@ class StepResult:
 
 
 class Learner:
-    def __init__(self, hf_path, groups, model_cfg, parallel_cfg, optim_cfg=None, *, total_steps: int = 1):
+    def __init__(self, hf_path, groups, model_cfg, parallel_cfg, optim_cfg=None, *, total_steps: int = 1,
+                 load_weights: bool = True):
+        """load_weights=False: only the model's config is read from hf_path; the weights are left unset for a
+        checkpoint to fill (`load_sharded_state_dict`)."""
         self.groups, self.parallel = groups, parallel_cfg
         from megaapo.convert import MCORE_META, load_mcore_into
 
@@ -75,7 +78,9 @@ class Learner:
         self.shape = self.model.shape
         # Losses arrive already normalised by the global batch: megatron must not rescale them per micro-batch.
         self.model.config.calculate_per_token_loss = True
-        if sharded:
+        if not load_weights:
+            pass
+        elif sharded:
             load_mcore_into(self.model, src, groups.tp_size, groups.tp_rank, groups.pp_size, groups.pp_rank)
         else:
             load_into(self.model, HFReader(src), self.shape, groups.tp_size, groups.tp_rank)
@@ -316,37 +321,44 @@ class Learner:
         self.optim.reset_state()
 
     # ------------------------------------------------------------------ state for checkpoints
-    def state_shards(self, optimizer: bool = True) -> dict:
-        """This rank's model weights (a flat tensor dict) and optimizer + scheduler state, for megaapo.checkpoint."""
-        model = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
-        if not optimizer:
-            return {"model": model}
-        optim = {"optimizer": self.optim.state_dict(), "lr_step": self.lr_step, "version": self.version,
-                 "skipped_in_a_row": self.skipped_in_a_row}
-        return {"model": model, "optim": optim}
+    def sharded_state_dict(self, prefix: str = "", optimizer: bool = True, is_loading: bool = False) -> dict:
+        """This rank's part of the learner's state for megatron-core's dist_checkpointing (megaapo.dist_checkpoint):
+        the model's sharded tensors under `prefix`, and (when training) the optimizer's, the learning-rate schedule's
+        position and the weight version."""
+        from megaapo.dist_checkpoint import model_sharded_state_dict
+
+        model = model_sharded_state_dict(self.model, self.groups, prefix)
+        state = {"model": model}
+        if optimizer and self.optim is not None:
+            state |= {"optimizer": self.optim.sharded_state_dict(model, is_loading), "lr_step": self.lr_step,
+                      "version": self.version}
+        return state
+
+    def load_sharded_state_dict(self, state: dict, prefix: str = "") -> None:
+        """Apply what dist_checkpointing read for `sharded_state_dict(prefix, ..., is_loading=True)`: the weights,
+        then (when this learner trains) the optimizer state, schedule position and weight version. (The checkpoint's
+        non-tensor items come back whether asked for or not.)"""
+        tensors = {k[len(prefix):]: v for k, v in state["model"].items()}
+        self.load_model_tensors(tensors)
+        if self.optim is not None:
+            self.optim.load_sharded_state_dict(state["optimizer"])
+            self.lr_step, self.version = int(state["lr_step"]), int(state["version"])
 
     def load_model_tensors(self, tensors: dict) -> None:
+        """Copy full local shards (state-dict keys) into the model; checked whole before anything is copied."""
         state = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
         missing = sorted(set(state) - set(tensors))
         if missing:
             raise ValueError(f"checkpoint lacks model tensors {missing[:3]}: written by a different model or layout?")
+        wrong = [k for k, v in state.items() if tuple(tensors[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"checkpoint tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, this model "
+                             f"expects {tuple(state[wrong[0]].shape)}")
         with torch.no_grad():
             for k, v in state.items():
                 v.copy_(tensors[k])
         if self.optim is not None:
             self.optim.reload_from_model()
-
-    def load_state_shards(self, shards: dict) -> None:
-        if "lr_step" not in shards["optim"]:
-            from megaapo.checkpoint import CheckpointError
-            raise CheckpointError("this checkpoint's optimizer state predates megaapo.optim (its layout changed) and "
-                                  "cannot be resumed; start a new run from its weights instead (model.path=<its "
-                                  "hf_final or an exported step>)")
-        self.load_model_tensors(shards["model"])
-        self.optim.load_state_dict(shards["optim"]["optimizer"])
-        self.lr_step = int(shards["optim"]["lr_step"])
-        self.version = int(shards["optim"]["version"])
-        self.skipped_in_a_row = int(shards["optim"].get("skipped_in_a_row", 0))
 
     # ------------------------------------------------------------------ weights out
     def hf_weights(self, dtype: torch.dtype | None = None):

@@ -24,6 +24,7 @@ Owned by `megaapo.learner.Learner`; nothing else calls it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -182,19 +183,52 @@ class TorchOptimizer:
                 for m, p in zip(self.master, self.params):
                     m.copy_(p)
 
-    def state_dict(self) -> dict:
-        state = {"impl": self.name, "optimizer": self.optimizer.state_dict()}
-        if self.master is not None:
-            state["master"] = [m.detach().cpu() for m in self.master]
-        return state
+    def sharded_state_dict(self, model_state: dict, is_loading: bool = False) -> dict:
+        """AdamW's moments (and the fp32 masters of a bf16/fp16 model) as ShardedTensors shaped and sharded like the
+        parameters they belong to, under megatron's optimizer keys (`optimizer.state.exp_avg.<parameter key>`), so
+        they reshard with the model. The step is common to all parameters (one value in the checkpoint)."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            make_sharded_optimizer_tensor,
+        )
 
-    def load_state_dict(self, state: dict) -> None:
+        sharded = get_param_id_to_sharded_param_map(model_state, self.params)
+        step = self._common_step()
+        params = {}
+        for i, q in enumerate(self.master or self.params):
+            if is_loading:   # shapes only: loading reads into buffers of its own
+                tensors = {k: torch.empty_like(q) for k in ("exp_avg", "exp_avg_sq", "fp32_param")}
+            else:
+                held = self.optimizer.state.get(q, {})
+                # A parameter without a gradient so far has no moments yet: zeros are what Adam starts them from.
+                tensors = {k: held[k] if k in held else torch.zeros_like(q) for k in ("exp_avg", "exp_avg_sq")}
+                tensors["fp32_param"] = q
+            if self.master is None:
+                del tensors["fp32_param"]   # the model's own weights
+            params[i] = {k: make_sharded_optimizer_tensor(sharded[i], t, prefix=f"optimizer.state.{k}")
+                         for k, t in tensors.items()}
+        return {"impl": self.name, "step": step, "params": params}
+
+    def _common_step(self) -> int:
+        steps = {int(st["step"]) for st in self.optimizer.state.values() if "step" in st}
+        if len(steps) > 1:
+            raise ValueError(f"AdamW's step differs between parameters ({sorted(steps)}); the checkpoint keeps one")
+        return steps.pop() if steps else 0
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Apply what `sharded_state_dict(..., is_loading=True)` read (after the model weights are in place)."""
         _check_impl(state, self.name)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.master is not None:
-            with torch.no_grad():
-                for m, saved in zip(self.master, state["master"]):
-                    m.copy_(saved)
+        step = int(state["step"])
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for i, q in enumerate(self.master or self.params):
+                loaded = state["params"][i]
+                if self.master is not None:
+                    q.copy_(loaded["fp32_param"])
+                if step:   # AdamW keeps a float step tensor per parameter
+                    self.optimizer.state[q] = {
+                        "step": torch.tensor(float(step), dtype=torch.get_default_dtype()),
+                        **{k: loaded[k].to(device=q.device, dtype=q.dtype) for k in ("exp_avg", "exp_avg_sq")}}
 
 
 class MegatronOptimizer:
@@ -221,6 +255,8 @@ class MegatronOptimizer:
         # The standard overrides are megatron's no-weight-decay rule for biases and 1-D parameters.
         self.optimizer = get_megatron_optimizer(opt_cfg, [self.ddp], get_standard_config_overrides(opt_cfg),
                                                 pg_collection=groups.pgc, use_gloo_process_groups=False)
+        for part in self._parts():
+            _fix_param_order(part)
         self.schedule_model = self.ddp
 
     def _parts(self) -> list:
@@ -261,25 +297,67 @@ class MegatronOptimizer:
     def reload_from_model(self) -> None:
         self.optimizer.reload_model_params()
 
-    def state_dict(self) -> dict:
-        """This rank's shard: the inner Adam state over its fp32 main-weight shard, and that shard itself."""
-        parts = []
-        for part in self._parts():
-            main = [t.detach().cpu().clone() for group in part.shard_fp32_from_float16_groups for t in group]
-            parts.append({"inner": part.optimizer.state_dict(), "main": main})
-        return {"impl": self.name, "dp_size": self.groups.dp_size, "parts": parts}
+    def sharded_state_dict(self, model_state: dict, is_loading: bool = False) -> dict:
+        """megatron's own sharded state dict in its `fully_reshardable` format: fp32 main params and Adam moments
+        gathered over data-parallel ranks into model-shaped tensors keyed like the model's, so a checkpoint loads at
+        any TP x PP x DP (the dp-only `dp_reshardable` format would tie it to one TP x PP)."""
+        if is_loading:
+            self._init_state()
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+                    "dp_cp_group": self.groups.dp}
+        return {"impl": self.name,
+                "state": self.optimizer.sharded_state_dict(model_state, is_loading, metadata=metadata)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _init_state(self) -> None:
+        """Give every parameter Adam state to load into. megatron's init_state_fn leaves out torch Adam's `step`,
+        without which DistributedOptimizer.state_dict() (called while building the loading state dict) fails."""
+        for part in self._parts():
+            opt = part.optimizer
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not opt.state[p]:
+                        opt.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                            step=torch.tensor(0.0))
+
+    def load_sharded_state_dict(self, state: dict) -> None:
         _check_impl(state, self.name)
-        if state["dp_size"] != self.groups.dp_size:
-            raise ValueError(f"optimizer state was sharded over {state['dp_size']} data-parallel ranks, this run has "
-                             f"{self.groups.dp_size}: resume with the same number of trainer processes")
-        for part, saved in zip(self._parts(), state["parts"], strict=True):
-            part.optimizer.load_state_dict(saved["inner"])
-            mains = [t for group in part.shard_fp32_from_float16_groups for t in group]
-            with torch.no_grad():
-                for t, s in zip(mains, saved["main"], strict=True):
-                    t.copy_(s)
+        with _torch_adam_step_kept(self._parts()):
+            self.optimizer.load_state_dict(state["state"])
+        for part in self._parts():
+            # megatron hands one step tensor to every parameter; torch Adam increments each parameter's step in
+            # place, so a shared one would advance by the number of parameters at every update.
+            for st in part.optimizer.state.values():
+                st["step"] = st["step"].clone()
+
+
+def _fix_param_order(part) -> None:
+    """megatron-core 0.16.1: a parameter group holding fp32 and bf16/fp16 parameters (a bf16 model whose norms
+    megatron keeps in fp32: the local layer spec without Apex) is handed to Adam as [fp32 ..., fp16 ...], but
+    `model_param_group_index_map` keeps the group's original order; checkpointing then pairs parameters with another
+    parameter's main weights and moments (a shape error at best). Point the map at the order Adam really has."""
+    for g, (fp32, half) in enumerate(zip(part.model_fp32_groups, part.model_float16_groups, strict=True)):
+        for i, p in enumerate([*fp32, *half]):
+            part.model_param_group_index_map[p] = (g, i)
+
+
+@contextlib.contextmanager
+def _torch_adam_step_kept(parts: list):
+    """megatron-core 0.16.1 with torch's Adam (no Apex / Transformer Engine): loading the `fully_reshardable` format
+    copies every state tensor of a parameter from the checkpoint's, which has no `step` (kept in param_groups), and
+    fails with KeyError('step'). Within the block, state absent from the checkpoint keeps its current value."""
+    for part in parts:
+        setter = part._set_main_param_and_optimizer_states
+
+        def keep_missing(model_param, tensors, _set=setter, _part=part):
+            held = _part._get_main_param_and_optimizer_states(model_param)
+            _set(model_param, {**{k: v for k, v in held.items() if k not in tensors}, **tensors})
+
+        part._set_main_param_and_optimizer_states = keep_missing
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part._set_main_param_and_optimizer_states
 
 
 def _check_impl(state: dict, impl: str) -> None:

@@ -3,7 +3,8 @@
 `megaapo.train.main` (RL) and `megaapo.sft.main` (supervised) enter a `Run` and read like their algorithm; the
 mechanics they need live here, shared, so both have the same layouts, checkpoints and metrics. Ranks: global
 rank 0 drives the rollout engines, scores rewards, evaluates and owns metrics (the last pipeline stage sends it the
-loss metrics); every trainer rank holds its learner shards and writes its own checkpoint shards.
+loss metrics); every trainer rank holds its learner shards and writes them into the checkpoints (megatron-core's
+dist_checkpointing through megaapo.dist_checkpoint, in the background while training goes on).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megaapo import checkpoint as ckpt
+from megaapo import dist_checkpoint as dckpt
 from megaapo import rundir
 
 log = logging.getLogger("megaapo.train")
@@ -31,7 +33,7 @@ class Run:
         assert job in ("rl", "sft"), job
         self.cfg, self.job = cfg, job
         self.placement = plan_run(cfg)   # before anything starts: a layout that cannot work stops here
-        self.engines = self.scorer = self.reference = None
+        self.engines = self.scorer = self.reference = self.checkpointer = None
         self._heldout = None   # SFT's held-out samples, built at the first evaluation
         self._closers: list = []
 
@@ -40,12 +42,12 @@ class Run:
         try:
             self._build()
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
     def _build(self) -> None:
         from transformers import AutoTokenizer
@@ -107,6 +109,9 @@ class Run:
             self.reference = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, None)
         self.stream = PromptStream(len(self.train), d.seed, d.shuffle)
         self.state = ckpt.TrainState()
+        c = cfg.checkpoint
+        self.checkpointer = dckpt.Checkpointer(self.ckpt_root, self.groups, keep_last=c.keep_last,
+                                               async_save=c.async_save, checksum=c.checksum)
         resumed = self._resume()
         # The checkpoint's own step was logged by the run that wrote it; this run's first row is the next one.
         self.metrics = Metrics(cfg.logging, self.run_dir, to_dict(cfg), enabled=self.rank0,
@@ -167,21 +172,55 @@ class Run:
         the continuation would otherwise destroy: everything of an earlier run before a fresh start, checkpoints
         newer than the one resumed (refused ones, or another timeline after resuming an older one)."""
         path = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root, group=dist.group.WORLD)
+        why = None if path is None else ckpt.why_this_checkpoint(self.ckpt_root, path)   # before anything moves
         if self.rank0:
             after = -1 if path is None else int(ckpt.read_manifest(path)["step"])
             newer = [p for step, p in ckpt.list_checkpoints(self.ckpt_root) if step > after and p != path]
             rundir.archive_history(self.run_dir, newer, metrics=path is None)
         if path is None:
             return False
-        loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False, verified=True)
-        self.policy.load_state_shards(loaded.shards)
-        if self.reference is not None and "ref" in loaded.shards:
-            self.reference.load_model_tensors(loaded.shards["ref"])
-        ckpt.restore_rng(loaded.shards["rng"])
-        self.state = ckpt.TrainState.from_dict(loaded.meta["train_state"])
+        if dckpt.format_of(path) == 1:
+            from megaapo import legacy_checkpoint
+
+            loaded = legacy_checkpoint.load(path, self.policy, self.reference)
+            ckpt.restore_rng(loaded.shards["rng"])
+            meta, how = loaded.meta, "megaapo's format 1, converted on load: the next checkpoint is in the new format"
+        else:
+            meta, how = self._load(path)
+        self.state = ckpt.TrainState.from_dict(meta["train_state"])
         self.stream.load(self.state.data_position)
-        log.info("resumed from %s (step %d, weight version %d)", path, self.state.step, self.state.weight_version)
+        log.info("resumed from %s (step %d, weight version %d): %s; %s", path, self.state.step,
+                 self.state.weight_version, why, how)
         return True
+
+    def _load(self, path: Path) -> tuple[dict, str]:
+        """Read a format-2 checkpoint at this run's layout (whatever layout wrote it); nothing changes before every
+        tensor has been read."""
+        contents = ckpt.read_meta(path).get("contents", ())
+        state = self._checkpoint_state(loading=True, with_ref="ref" in contents)
+        same = dckpt.same_layout(path, self.groups) and "rng" in contents
+        if not same:
+            del state["rng"]   # RNG streams belong to the ranks that drew them
+        loaded, meta = dckpt.read(path, state, self.groups)
+        self.policy.load_sharded_state_dict(loaded["policy"])
+        if "ref" in loaded:
+            self.reference.load_sharded_state_dict(loaded["ref"], prefix="ref.")
+        if same:
+            ckpt.restore_rng(loaded["rng"])
+            return meta, "same layout"
+        was = ckpt.read_manifest(path)["layout"]
+        where = "no RNG streams in it" if was == dckpt.layout_of(self.groups) else \
+            f"resharded from tp={was['tp']} pp={was['pp']} dp={was['dp']}"
+        return meta, f"{where} (RNG streams continue from trainer.seed, not from the checkpoint)"
+
+    def _checkpoint_state(self, loading: bool = False, with_ref: bool = False) -> dict:
+        """What a checkpoint holds besides the meta, as a sharded state dict: the policy with its optimizer, the
+        reference model when no file holds it (it is the warmed-up policy), this rank's RNG streams."""
+        state = {"policy": self.policy.sharded_state_dict(is_loading=loading),
+                 "rng": dckpt.rng_sharded_object(None if loading else ckpt.capture_rng())}
+        if with_ref and self.reference is not None:
+            state["ref"] = self.reference.sharded_state_dict(prefix="ref.", optimizer=False)
+        return state
 
     # ------------------------------------------------------------------ phases
     def warmup(self) -> None:
@@ -272,6 +311,7 @@ class Run:
             with self.metrics.timer("eval"):
                 row = row | self.evaluate(step)
         self.log(step, row)
+        self.checkpointer.poll()   # commits a background save that has finished
         if self.should_save(step):
             with self.metrics.timer("checkpoint"):
                 self.save(step)
@@ -301,27 +341,27 @@ class Run:
         every = self.cfg.checkpoint.every
         return bool(every and step % every == 0) or step == self.cfg.trainer.total_steps
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> None:
+        """Start writing `step_N` (all ranks); it becomes visible once written. The previous save is waited for."""
         self.state.data_position = self.stream.state()
-        shards = self.policy.state_shards() | {"rng": ckpt.capture_rng()}
-        if self.reference is not None and self.cfg.trainer.sft_warmup_steps:
-            # The reference is the warmed-up policy, which no file on disk holds.
-            shards["ref"] = self.reference.state_shards(optimizer=False)["model"]
-        meta = {"train_state": self.state.to_dict()} if self.rank0 else None
-        return ckpt.save(self.ckpt_root, step, shards, meta, self.cfg.checkpoint.keep_last,
-                         group=dist.group.WORLD, checksum=self.cfg.checkpoint.checksum)
+        # The reference is the warmed-up policy, which no file on disk holds.
+        state = self._checkpoint_state(with_ref=bool(self.cfg.trainer.sft_warmup_steps))
+        meta = {"train_state": self.state.to_dict(), "contents": sorted(state)} if self.rank0 else None
+        self.checkpointer.save(step, state, meta, hf_dir=self.policy.hf_dir)
 
     def stop_requested(self) -> bool:
         if self.stop is None or not self.stop.any_rank():
             return False
         if not self.should_save(self.state.step):   # else the loop has just saved this step
             self.save(self.state.step)
+        self.checkpointer.wait()   # the job ends (requeue) only after the checkpoint is committed
         return True
 
     def finish(self) -> None:
         if self.cfg.checkpoint.export_hf:
             out = self.policy.export_hf(self.run_dir / "hf_final")
             log.info("final policy exported to %s", out)
+        self.checkpointer.wait()   # the final checkpoint, written while the policy was exported
         png = self.metrics.finish()
         if self.rank0:
             self._print_outcome(png)
@@ -360,7 +400,14 @@ class Run:
         if self.cfg.checkpoint.export_hf:
             print(f"start RL from it: megaapo train CONFIG model.path={self.run_dir / 'hf_final'}")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Shut the parts down; a failing run stops a checkpoint still being written without committing it."""
+        if self.checkpointer is not None:
+            try:
+                self.checkpointer.close(abort=failed)
+            except Exception as e:   # closing must not hide the error that got us here
+                log.warning("while finishing the last checkpoint: %s", e)
+            self.checkpointer = None
         for fn in reversed(self._closers):
             try:
                 fn()

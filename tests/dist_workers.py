@@ -200,9 +200,9 @@ def _weights(learner):
 
 def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
     """Three updates per optimizer implementation from the same weights; for megatron also an interrupted run:
-    state after update 2 -> a fresh learner -> update 3. Each rank saves its metrics and weight shards."""
-    import copy
-
+    a checkpoint after update 2 (megaapo.dist_checkpoint) -> a fresh learner -> update 3. Each rank saves its
+    metrics and weight shards."""
+    from megaapo import dist_checkpoint as dckpt
     from megaapo.distributed import destroy, init_distributed, set_rank_env
 
     set_rank_env(rank, world, port)
@@ -214,15 +214,18 @@ def optim_worker(rank, world, port, hf_path, tp, pp, impls, dtype, out_file):
         out["start"] = _weights(learner)
         samples, loss_fn = optim_batch(learner, hf_path)
         out["logp"] = learner.logprobs(samples)
-        metrics, saved = [], None
+        metrics, root = [], Path(f"{out_file}.{impl}.ckpt")
         for step in range(3):
             metrics.append(learner.train_step(samples, loss_fn).metrics)
             if step == 1:
-                saved = copy.deepcopy(learner.state_shards())   # as written to disk: no tensor shared with the run
+                saver = dckpt.Checkpointer(root, groups, async_save=False)
+                saver.save(2, learner.sharded_state_dict(), {} if rank == 0 else None)
+                saver.close()
         out[impl] = {"metrics": metrics, "weights": _weights(learner)}
         if impl == "megatron":
             resumed = optim_learner(hf_path, groups, impl, dtype)
-            resumed.load_state_shards(saved)
+            loaded, _ = dckpt.read(root / "step_000002", resumed.sharded_state_dict(is_loading=True), groups)
+            resumed.load_sharded_state_dict(loaded)
             out["resumed"] = {"metrics": [resumed.train_step(samples, loss_fn).metrics],
                               "weights": _weights(resumed)}
     torch.save(out, f"{out_file}.{rank}")
@@ -275,4 +278,94 @@ def _nonfinite_updates(hf_path, groups, impl, faulty):
         except NonFiniteError as e:
             out["raised_at"], out["error"] = i + 1, str(e)
             break
+    return out
+
+
+# ------------------------------------------------------------------ dist checkpoints (tests/test_dist_checkpoint.py)
+def run_state(policy, reference, rng: dict | None = None) -> dict:
+    """What a run checkpoints (as megaapo.run does): the policy with its optimizer, the reference model's weights,
+    this rank's RNG streams."""
+    from megaapo.dist_checkpoint import rng_sharded_object
+
+    return {"policy": policy.sharded_state_dict(is_loading=rng is None),
+            "ref": reference.sharded_state_dict(prefix="ref.", optimizer=False),
+            "rng": rng_sharded_object(rng)}
+
+
+def _step_and_weights(learner, samples, loss_fn) -> tuple[dict, dict | None]:
+    """One update -> (its metrics as the last stage has them, the full HF weights after it on rank 0)."""
+    import torch.distributed as dist
+
+    metrics = [None] * dist.get_world_size()
+    dist.all_gather_object(metrics, learner.train_step(samples, loss_fn).metrics)
+    metrics = next(m for m in metrics if "loss" in m)
+    weights = {k: v.clone() for k, v in learner.gathered_hf_weights()}
+    return metrics, (weights if weights else None)
+
+
+def dist_ckpt_worker(rank, world, port, hf_path, layouts, role, root, out_file, impls=("megatron", "torch")):
+    """role "save" (at layouts[0]): per optimizer, two updates, an async save of step 2 while update 3 already runs
+    (the uninterrupted reference), then a fresh learner loads step 2 and makes update 3 again (same layout).
+    role "resume": per layout (tp, pp) of these processes and per optimizer, load step 2, save it again (sync) as
+    `<impl>-<tp><pp><dp>` for the tests to compare tensor by tensor, then update 3. Rank 0 saves the metrics and
+    the full HF weights after update 3, by layout."""
+    from megatron.core import parallel_state
+
+    from megaapo.distributed import destroy, init_distributed, set_rank_env
+
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    out = {}
+    for tp, pp in layouts:
+        groups = init_distributed(tp=tp, pp=pp)
+        out[(tp, pp, groups.dp_size)] = {impl: _dist_ckpt_case(groups, hf_path, impl, role, Path(root))
+                                         for impl in impls}
+        parallel_state.destroy_model_parallel()   # the same processes take the next layout
+    if rank == 0:
+        torch.save(out, out_file)
+    destroy()
+
+
+def _dist_ckpt_case(groups, hf_path, impl, role, root: Path) -> dict:
+    from megaapo import checkpoint as ckpt
+    from megaapo import dist_checkpoint as dckpt
+    from megaapo.config import ModelConfig, ParallelConfig
+    from megaapo.learner import Learner
+
+    # eps 1e-4 (see fused_learner): layouts sum in different orders, and Adam must not amplify that
+    policy = optim_learner(hf_path, groups, impl, eps=1e-4)
+    reference = Learner(hf_path, groups, ModelConfig(dtype="float32"),
+                        ParallelConfig(tp=groups.tp_size, pp=groups.pp_size, micro_batch_tokens=10**9), None)
+    samples, loss_fn = optim_batch(policy, hf_path)
+    meta = {"train_state": {"step": 2}, "contents": ["policy", "ref", "rng"]} if torch.distributed.get_rank() == 0 \
+        else None
+    step2 = root / impl / "step_000002"
+    out = {}
+    if role == "save":
+        for _ in range(2):
+            policy.train_step(samples, loss_fn)
+        out["step2"] = {k: v.clone() for k, v in policy.gathered_hf_weights()} or None
+        saver = dckpt.Checkpointer(root / impl, groups, async_save=True)
+        rng = ckpt.capture_rng()
+        out["draw"] = torch.rand(4)   # what the run draws next; a resume at this layout must draw the same
+        saver.save(2, run_state(policy, reference, rng), meta, hf_dir=policy.hf_dir)
+        out["uninterrupted"] = _step_and_weights(policy, samples, loss_fn)
+        out["in_flight_during_update"] = saver.saver.in_flight
+        saver.close()
+        policy = optim_learner(hf_path, groups, impl, eps=1e-4)
+    state = run_state(policy, reference)
+    if not dckpt.same_layout(step2, groups):
+        del state["rng"]
+    loaded, _ = dckpt.read(step2, state, groups)
+    policy.load_sharded_state_dict(loaded["policy"])
+    reference.load_sharded_state_dict(loaded["ref"], prefix="ref.")
+    if "rng" in loaded:
+        ckpt.restore_rng(loaded["rng"])
+        out["resumed_draw"] = torch.rand(4)
+    if role == "resume":
+        layout = f"{groups.tp_size}{groups.pp_size}{groups.dp_size}"
+        again = dckpt.Checkpointer(root / f"{impl}-{layout}", groups, async_save=False)
+        again.save(2, run_state(policy, reference, ckpt.capture_rng()), meta)
+        again.close()
+    out["resumed"] = _step_and_weights(policy, samples, loss_fn)
     return out

@@ -4,8 +4,9 @@ megatron-core assumes CUDA in a handful of places that have nothing to do with t
 `torch.cuda.current_device()`, keeps dropout RNG states with `torch.cuda.get_rng_state`, and a few schedule counters
 are created with `device="cuda"`. Its DDP gradient buffers and distributed optimizer (`optim.impl=megatron`) add a
 few more: flag and norm tensors made on "cuda", and parameter-type checks that accept only `torch.cuda.*Tensor`
-names. On a machine without CUDA, `install()` redirects exactly those to the CPU, so the CPU tests run the same
-optimizer code a GPU run does; it does nothing where CUDA is available. Called once by `megaapo.distributed.init`
+names. Its `dist_checkpointing` (fully parallel load) makes exchange buffers with `device="cuda"`. On a machine
+without CUDA, `install()` redirects exactly those to the CPU, so the CPU tests run the same optimizer and
+checkpointing code a GPU run does; it does nothing where CUDA is available. Called once by `megaapo.distributed.init`
 before any model is built.
 """
 
@@ -24,7 +25,7 @@ class _CudaToCpu(types.ModuleType):
     """A stand-in for the `torch` module inside one megatron module: tensor factories called with device="cuda"
     build on the CPU instead; everything else is torch itself."""
 
-    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+    _FACTORIES = ("zeros", "ones", "empty", "empty_like", "full", "tensor", "arange")
 
     def __init__(self):
         super().__init__("torch")
@@ -62,6 +63,7 @@ def install() -> None:
     schedules.torch = _CudaToCpu()
     p2p_communication.torch = _CudaToCpu()
     _install_optimizer()
+    _install_dist_checkpointing()
     _installed = True
 
 
@@ -107,3 +109,18 @@ def _install_optimizer() -> None:
     moptimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(moptimizer.clip_grad_by_total_norm_fp32)
 
 
+
+
+def _install_dist_checkpointing() -> None:
+    """Fully parallel loading exchanges shards between ranks through buffers it makes on "cuda"."""
+    from megatron.core.dist_checkpointing import exchange_utils, mapping
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+
+    exchange_utils.torch = _CudaToCpu()
+    state_dict_saver.torch = _CudaToCpu()
+    init_data = mapping.ShardedTensor.init_data
+
+    def init_on_cpu(self, device, *args, **kwargs):
+        return init_data(self, "cpu" if str(device).startswith("cuda") else device, *args, **kwargs)
+
+    mapping.ShardedTensor.init_data = init_on_cpu
