@@ -202,9 +202,10 @@ def test_sbatch_runs_the_demo_at_two_trainer_processes(cluster, tmp_path):
         assert f"megaapo: job {jid} restart 0" in text
         steps = _steps(out)
         assert steps == sorted(set(steps)) and steps[-4:] == [1, 2, 3, 4], steps
-        # Both TP ranks wrote their shard of the final checkpoint: the job really ran 2 trainer processes.
+        # Both TP ranks wrote their shards of the final checkpoint: the job really ran 2 trainer processes.
         final = out / "run" / "checkpoints" / "step_000004"
-        assert (final / "model.rank0.safetensors").exists() and (final / "model.rank1.safetensors").exists()
+        assert json.loads((final / "COMPLETE").read_text())["layout"] == {"tp": 2, "pp": 1, "dp": 1, "world": 2}
+        assert (final / "dist" / "__0_0.distcp").exists() and (final / "dist" / "__1_0.distcp").exists()
         cluster.assert_no_leftovers(jid)
 
 

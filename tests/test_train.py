@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -108,13 +110,28 @@ def test_torchrun_matches_single_process(single_run, tmp_path, layout):
     weight broadcast the engine's sampled-token log-probs equal the learner's (the gathered weights reached the
     engine intact)."""
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
-           "demo", f"trainer.output_dir={tmp_path / 'run'}", *SMALL, *COMMON, layout]
+           "demo", f"trainer.output_dir={tmp_path / 'run'}", *SMALL, *COMMON, layout, "checkpoint.export_hf=true"]
     two = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     rows = {r["step"]: r for r in _rows(tmp_path / "run")}
     _same_step(single_run[1], rows[1])
     after_sync = rows[2]
     assert after_sync["mismatch/logp_diff_max"] < 1e-4, after_sync
+
+    # The same run directory resumed by one process (the issue's new user: saved at TP=2, resumed at TP=1): the
+    # checkpoint of step 2 is resharded as it is read, and the policy exported from it is the two-process one.
+    (tmp_path / "run" / "hf_final").rename(tmp_path / "hf_two")
+    one = _train(tmp_path / "run", *COMMON, *([layout] if layout.startswith("optim") else []),
+                 "checkpoint.export_hf=true")
+    assert one.returncode == 0, one.stderr[-3000:]
+    was = "tp=2 pp=1 dp=1" if layout.startswith("parallel") else "tp=1 pp=1 dp=2"
+    assert re.search(r"resumed from \S+step_000002 \(step 2, weight version \d+\): the newest complete checkpoint; "
+                     "resharded from " + was, one.stderr), one.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    name = "model-00001-of-00001.safetensors"
+    got, want = load_file(tmp_path / "run" / "hf_final" / name), load_file(tmp_path / "hf_two" / name)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.vllm
