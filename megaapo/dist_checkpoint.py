@@ -109,9 +109,11 @@ class Saver:
         from megatron.core import dist_checkpointing
 
         self.wait()
-        request = dist_checkpointing.save(state, str(directory), self.strategy, async_sharded_save=True)
-        request.add_finalize_fn(commit)
         self.pending = _Pending(Path(directory), on_failure)
+        # Planning, common.pt (rank 0) and, with async save, the fork; the tensors are written by `request`.
+        request = self._finalise(lambda: dist_checkpointing.save(state, str(directory), self.strategy,
+                                                                 async_sharded_save=True), keep_pending=True)
+        request.add_finalize_fn(commit)
         if self.queue is None:
             self._finalise(request.execute_sync)
         else:
@@ -131,16 +133,22 @@ class Saver:
     def in_flight(self) -> bool:
         return self.pending is not None
 
-    def _finalise(self, run: Callable) -> None:
+    def _finalise(self, run: Callable, keep_pending: bool = False):
+        """run(); a failure removes the uncommitted directory and is raised as WriteError (megatron raises a failed
+        write on every rank)."""
+        from torch.distributed.checkpoint.api import CheckpointException   # a BaseException, not an Exception
+
         try:
-            run()
-        except Exception as e:
+            out = run()
+        except (Exception, CheckpointException) as e:
             pending, self.pending = self.pending, None
             pending.on_failure()
-            raise WriteError(f"checkpoint {pending.directory.parent.name}: writing failed ({_cause(e)}); the "
-                             "previous checkpoint is still the latest") from e
-        if self.queue is None or self.queue.get_num_unfinalized_calls() == 0:
+            name = pending.directory.parent.name.split(".tmp-")[0]
+            raise WriteError(f"checkpoint {name} not saved: {_cause(e)}; the previous checkpoint is still the "
+                             "latest") from e
+        if not keep_pending and (self.queue is None or self.queue.get_num_unfinalized_calls() == 0):
             self.pending = None
+        return out
 
     def close(self, abort: bool = False) -> None:
         """End of the run: commit what is in flight, or (abort: the run is failing) stop the writer without
@@ -164,11 +172,15 @@ class WriteError(CheckpointError):
 
 
 def _cause(e: BaseException) -> str:
-    """The innermost message of a (wrapped) write error: megatron wraps the OSError of a worker twice."""
-    seen = e
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    return f"{type(seen).__name__}: {seen}"
+    """The message of a (wrapped) write error: torch's CheckpointException holds each failing rank's exception, and
+    megatron wraps a writer's OSError in a RuntimeError."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, (exc, _) = sorted(failures.items())[0]
+        return f"rank {rank}: {_cause(exc)}"
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
 
 
 def storage_files(directory: Path) -> dict[str, int]:

@@ -297,3 +297,40 @@ def test_format1_checkpoint_converts_on_load_or_is_refused(tiny_model, tmp_path)
     finally:
         if started:
             destroy()
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch, async_save):
+    """A write that fails in megatron's writer processes (ENOSPC, injected at torch_dist's item write: the one fault
+    here that cannot be caused for real without a small filesystem) raises one WriteError naming the cause, removes
+    the uncommitted directory and leaves the previous checkpoint the newest."""
+    import errno
+
+    from dist_workers import optim_learner
+
+    from megaapo import checkpoint as ckpt
+    from megaapo import dist_checkpoint as dckpt
+    from megaapo.distributed import destroy, init_distributed
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    started = not torch.distributed.is_initialized()
+    groups = init_distributed()
+    try:
+        learner = optim_learner(str(tiny_model), groups, "torch")
+        saver = dckpt.Checkpointer(tmp_path, groups, async_save=async_save)
+        saver.save(1, {"policy": learner.sharded_state_dict()}, {"step": 1})
+        saver.wait()
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(filesystem_async, "_write_item", full)
+        with pytest.raises(dckpt.WriteError, match="checkpoint step_000002 not saved: .*No space left on device"):
+            saver.save(2, {"policy": learner.sharded_state_dict()}, {"step": 2})
+            saver.wait()
+        saver.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+        assert ckpt.find_latest(tmp_path) == tmp_path / "step_000001"
+    finally:
+        if started:
+            destroy()
