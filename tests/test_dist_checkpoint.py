@@ -34,6 +34,7 @@ def _rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
+@pytest.mark.slow
 def test_same_layout_resume_is_bit_exact(saved):
     _, out = saved
     for impl in IMPLS:
@@ -65,6 +66,7 @@ def _check_resumed(root, saved_out, got, layout, impls):
         assert "resumed_draw" not in got[layout][impl]   # RNG streams belong to the layout that wrote them
 
 
+@pytest.mark.slow
 def test_resume_in_one_process(saved, tiny_model):
     """(2, 1, 1) -> (1, 1, 1), both optimizers: tensor-parallel shards (and megatron's optimizer state) merged."""
     from dist_workers import dist_ckpt_worker
@@ -132,6 +134,7 @@ def wide_model(tmp_path_factory):
                       intermediate_size=2048)
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_save_resumes_from_the_previous(wide_model, tmp_path, caplog):
     """SIGKILL while the background writer is in the middle of step 2: step 2 never becomes visible, and a resume
     takes step 1 (its weights exactly), saying why in one line."""
@@ -204,6 +207,7 @@ def _resume_and_check(model, root, caplog):
             destroy()
 
 
+@pytest.mark.slow
 def test_convert_training_checkpoint(saved, tmp_path):
     """`megaapo convert mcore-to-hf` exports a training checkpoint's policy (written at TP=2) bit-exactly, and
     `megaapo convert reshard` writes it again at TP=1 with the same tensors and run state."""
@@ -240,6 +244,7 @@ def _format1(learner, root, step: int = 1):
                      {"train_state": {"step": step}})
 
 
+@pytest.mark.slow
 def test_format1_checkpoint_converts_on_load_or_is_refused(tiny_model, tmp_path):
     """An old-format checkpoint loads when this run has the layout and optimizer that wrote it (and the next update
     equals the uninterrupted one), is refused with the conversion command otherwise (nothing touched), and
