@@ -235,16 +235,18 @@ class Checkpointer:
         if len(metas) != 1:
             raise ValueError(f"checkpoint meta came from {len(metas)} ranks; exactly one (the loss-visible) passes it")
         final = self.root / ckpt.step_dir_name(step)
-        box = [None]
-        if self.rank0:
+        tmp = self.root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+        def make_tmp() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             ckpt._remove_stale_tmp(self.root)
-            tmp = self.root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
             (tmp / DIST).mkdir(parents=True)
             if hf_dir is not None:
                 _copy_side_files(Path(hf_dir), tmp / HF)
-            box = [str(tmp)]
-        dist.broadcast_object_list(box, src=0)
+
+        _on_rank0(make_tmp)   # a failure (read-only, disk full) is raised on every rank
+        box = [str(tmp)]
+        dist.broadcast_object_list(box, src=0)   # rank 0's name
         tmp = Path(box[0])
         manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(),
                     "layout": layout_of(self.groups)}
