@@ -3,7 +3,8 @@
     python benchmarks/checksums.py [--params 0.5e9] [--repeats 3]
 
 Two checkpoints: the CPU demo's (the tiny Qwen2.5-VL of configs/demo.yaml: policy weights, Adam state, the
-warmed-up reference, RNG; built and saved exactly as a run saves it), and one ~0.5B-parameter bf16 weight file
+warmed-up reference, RNG, written by `megaapo.checkpoint.save`; a run's dist_checkpointing checkpoint holds the
+same bytes and its commit hashes them the same way, docs/checkpoints.md), and one ~0.5B-parameter bf16 weight file
 (1 GB, the size of a Qwen2.5-0.5B shard). For each: the save without checksums, with them (megaapo's default,
 XXH3-128), the verification before a resume, and the hashing rate of the alternatives (crc32 from zlib, blake2b and
 sha256 from hashlib) on the same bytes. Files are hashed right after being written, from the page cache, as
@@ -57,7 +58,7 @@ def _hash_rate(path: Path, algo: str, repeats: int) -> float:
 
 
 def demo_shards(tmp: Path) -> dict:
-    """The demo's checkpoint shards, made by the learner as `megaapo.run.Run.save` makes them."""
+    """The demo's checkpoint contents (policy with Adam state, reference, RNG) as per-rank shards."""
     from megaapo import checkpoint as ckpt
     from megaapo.config import load_config
     from megaapo.distributed import init_distributed
@@ -75,8 +76,11 @@ def demo_shards(tmp: Path) -> dict:
     for p in policy.optim.params:   # Adam state as after a step (both moments present)
         p.grad = torch.randn_like(p) * 1e-3
     policy.optim.step(1e-4)
-    return policy.state_shards() | {"rng": ckpt.capture_rng(),
-                                    "ref": reference.state_shards(optimizer=False)["model"]}
+    def weights(learner):
+        return {k: v.detach() for k, v in learner.model.state_dict().items() if not k.endswith("_extra_state")}
+
+    return {"model": weights(policy), "optim": {"optimizer": policy.optim.optimizer.state_dict()},
+            "rng": ckpt.capture_rng(), "ref": weights(reference)}
 
 
 def measure(name: str, shards: dict, root: Path, repeats: int) -> list[tuple]:

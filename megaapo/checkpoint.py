@@ -1,24 +1,27 @@
-"""Atomic sharded checkpoints, verified resume, RNG and train-state capture, HF export, and the pre-emption stop flag.
+"""Checkpoint directories: atomic commit, verified resume, RNG and train-state capture, and the pre-emption stop flag.
 
-Who calls it: `megaapo/run.py` (RL and SFT). Every trainer rank calls `save` at the same step with its own shards
-(learner weights, optimizer state, RNG state); the loss-visible rank also passes `meta` (the JSON train state). On
-start, `resolve_resume` picks the checkpoint (all ranks together) and each rank `load`s its own shards. `StopFlag`
-turns SIGTERM/SIGUSR1 (SLURM pre-emption) into a flag the loop checks at a safe point, then saves and exits. At the
-end `export_hf` writes the final policy (already mapped to HF names by the model's weight maps) as an HF directory.
+Who calls it: `megaapo/run.py` (RL and SFT), `megaapo.dist_checkpoint` (which writes a run's tensors) and
+`megaapo.legacy_checkpoint`. A run's checkpoints are format 2: the learner's tensors through megatron-core's
+dist_checkpointing (megaapo.dist_checkpoint, layout-free) committed here. `save`/`load` below are format 1
+(megaapo's own per-rank shards, tied to the layout that wrote them): what checkpoints were before, still read by
+`legacy_checkpoint` (converted on load or by `megaapo convert reshard`). On start, `resolve_resume` picks and verifies
+the checkpoint (all ranks together). `StopFlag` turns SIGTERM/SIGUSR1 (SLURM pre-emption) into a flag the loop
+checks at a safe point, then saves and exits.
 
 Layout of one checkpoint (`step_N` = the state after N completed steps; the next step to run is N):
     <root>/step_000123/
-        model.rank0.safetensors    a flat {name: tensor} shard -> safetensors
-        optim.rank0.pt             anything else (optimizer, RNG) -> torch.save, loaded with weights_only=True
-        meta.json                  the loss-visible rank's `meta`
-        COMPLETE                   the manifest (JSON): every file with its size and checksum (megaapo.integrity)
+        dist/ hf/                  format 2: see megaapo.dist_checkpoint
+        model.rank0.safetensors    format 1: a flat {name: tensor} shard -> safetensors
+        optim.rank0.pt             format 1: anything else (optimizer, RNG) -> torch.save
+        meta.json                  the loss-visible rank's `meta` (the JSON train state)
+        COMPLETE                   the manifest (JSON): format, step, every file with its size and checksum
 
-Write protocol: the ranks first agree that no shard holds NaN/inf (such a checkpoint is never written). Rank 0
-removes stale `*.tmp-*` dirs and creates `step_N.tmp-<uuid>`; every rank writes and fsyncs its files there, checksums
-them, and writes a small part-list; the ranks agree that every write succeeded (else rank 0 removes the tmp dir and
-every rank raises, the failing one with the path and cause); rank 0 merges the part-lists into COMPLETE, fsyncs it
-and the directory, renames the directory to `step_N` (atomic on POSIX), fsyncs the root, and prunes to the newest
-`keep_last`, never the one just written. A crash at any point leaves either no `step_N` or a complete one.
+Write protocol (both formats): the ranks first agree that no tensor holds NaN/inf (such a checkpoint is never
+written). Rank 0 removes stale `*.tmp-*` dirs and creates `step_N.tmp-<uuid>`; every rank writes its files there;
+the ranks agree that every write succeeded (else rank 0 removes the tmp dir and every rank raises, the failing one
+with the path and cause); rank 0 checks and checksums the files, writes COMPLETE, fsyncs it and the directory,
+renames the directory to `step_N` (atomic on POSIX), fsyncs the root, and prunes to the newest `keep_last`, never
+the one just written (`_commit`, `prune`). A crash at any point leaves either no `step_N` or a complete one.
 
 Read protocol: a checkpoint is used only after its manifest, every file's size and every file's checksum match
 (the hashing shared by the ranks); `resolve_resume` with `auto` takes the newest that passes, warns about each newer
@@ -148,8 +151,7 @@ def save(ckpt_root: PathLike, step: int, shards: dict[str, Any], meta: Optional[
     what = f"checkpoint {final.name} not saved (the newest complete one, {_newest(root)}, is untouched)"
     bad = comm.agree(integrity.nonfinite(shards))
     if bad is not None:
-        raise CheckpointError(f"{what}: {bad}; the policy diverged (a non-finite update got through, or non-finite "
-                              "weights were loaded): resume from the last good checkpoint, e.g. with a lower optim.lr")
+        raise nonfinite_error(what, bad)
     tmp, err = None, None
     if comm.rank == 0:
         try:
@@ -171,6 +173,12 @@ def save(ckpt_root: PathLike, step: int, shards: dict[str, Any], meta: Optional[
             _prune_quietly(root, keep_last, protect=final)
     _settle(comm, err if comm.rank == 0 else None, tmp, what)   # nobody returns before the checkpoint is final
     return final
+
+
+def nonfinite_error(what: str, bad: str) -> CheckpointError:
+    """The refusal to write a checkpoint whose state holds NaN/inf (`bad` says which tensors)."""
+    return CheckpointError(f"{what}: {bad}; the policy diverged (a non-finite update got through, or non-finite "
+                           "weights were loaded): resume from the last good checkpoint, e.g. with a lower optim.lr")
 
 
 def _attempt(fn: Callable[[], Any], path: Path, what: str) -> Optional[BaseException]:
@@ -437,8 +445,8 @@ def why_this_checkpoint(ckpt_root: PathLike, chosen: PathLike) -> str:
             continue
         if n.group(2):
             newer.append(f"step_{n.group(1)} was not committed (its save was interrupted: {p.name} has no {MARKER})")
-        else:
-            newer.append(f"{p.name} is incomplete ({check_complete(p)})")
+        else:   # `scan` verified it and logged why it was refused
+            newer.append(f"{p.name} failed verification")
     return "the newest complete checkpoint" + (f"; {'; '.join(newer)}" if newer else "")
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megaapo import integrity, rundir
 from megaapo.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ def rng_sharded_object(state: Optional[dict]):
 class _Pending:
     directory: Path
     on_failure: Callable[[], None]
+    what: str    # the failure's message head: which checkpoint was not saved, which one stays the newest
 
 
 class Saver:
@@ -86,7 +90,8 @@ class Saver:
     `save` is collective (every trainer rank, same order); so are `poll` (finalises a finished async save: call it at
     the same point of every step) and `wait` (blocks until the save in flight is committed). `commit` runs on every
     rank after all of them finished writing (megaapo.checkpoint's atomic rename); `on_failure` runs instead when a
-    write failed, and the error is raised on every rank."""
+    write or the commit failed, and the error is raised on every rank: a `rundir.WriteError` (one line: the file,
+    the cause, what to do) for a filesystem failure, else a CheckpointError."""
 
     def __init__(self, groups, async_save: bool = True):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -104,12 +109,12 @@ class Saver:
         self.pending: Optional[_Pending] = None
 
     def save(self, state: dict, directory: Path, commit: Callable[[], None],
-             on_failure: Callable[[], None]) -> None:
+             on_failure: Callable[[], None], what: str) -> None:
         """Write `state` (a sharded state dict) into the existing, empty `directory`; commit when written."""
         from megatron.core import dist_checkpointing
 
         self.wait()
-        self.pending = _Pending(Path(directory), on_failure)
+        self.pending = _Pending(Path(directory), on_failure, what)
         # Planning, common.pt (rank 0) and, with async save, the fork; the tensors are written by `request`.
         request = self._finalise(lambda: dist_checkpointing.save(state, str(directory), self.strategy,
                                                                  async_sharded_save=True), keep_pending=True)
@@ -134,8 +139,8 @@ class Saver:
         return self.pending is not None
 
     def _finalise(self, run: Callable, keep_pending: bool = False):
-        """run(); a failure removes the uncommitted directory and is raised as WriteError (megatron raises a failed
-        write on every rank)."""
+        """run(); a failure removes the uncommitted directory and is raised (megatron raises a failed write on every
+        rank; the commit raises its own on every rank)."""
         from torch.distributed.checkpoint.api import CheckpointException   # a BaseException, not an Exception
 
         try:
@@ -143,9 +148,13 @@ class Saver:
         except (Exception, CheckpointException) as e:
             pending, self.pending = self.pending, None
             pending.on_failure()
-            name = pending.directory.parent.name.split(".tmp-")[0]
-            raise WriteError(f"checkpoint {name} not saved: {_cause(e)}; the previous checkpoint is still the "
-                             "latest") from e
+            if isinstance(e, (rundir.WriteError, CheckpointError)):   # the commit's own, already phrased
+                raise
+            root = _root_cause(e)
+            werr = rundir.as_write_error(root, pending.directory, pending.what)
+            if werr is not None:
+                raise werr from e
+            raise CheckpointError(f"{pending.what}: {_rank_of(e)}{type(root).__name__}: {root}") from e
         if not keep_pending and (self.queue is None or self.queue.get_num_unfinalized_calls() == 0):
             self.pending = None
         return out
@@ -167,20 +176,22 @@ class Saver:
             self.queue.close()
 
 
-class WriteError(CheckpointError):
-    """A checkpoint write that failed on some rank (disk full, permissions); the previous checkpoint stays."""
-
-
-def _cause(e: BaseException) -> str:
-    """The message of a (wrapped) write error: torch's CheckpointException holds each failing rank's exception, and
-    megatron wraps a writer's OSError in a RuntimeError."""
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception behind a (wrapped) write error: torch's CheckpointException holds each failing rank's
+    exception, and megatron wraps a writer's OSError in a RuntimeError."""
     failures = getattr(e, "failures", None)
     if failures:
-        rank, (exc, _) = sorted(failures.items())[0]
-        return f"rank {rank}: {_cause(exc)}"
+        return _root_cause(sorted(failures.items())[0][1][0])
     while e.__cause__ is not None:
         e = e.__cause__
-    return f"{type(e).__name__}: {e}"
+    # megatron's async writer passes a worker's OSError back as text: "Worker failure: [Errno 28] No space ..."
+    m = None if isinstance(e, OSError) else re.search(r"\[Errno (\d+)\]", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else e
+
+
+def _rank_of(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)
+    return f"rank {min(failures)}: " if failures else ""
 
 
 def storage_files(directory: Path) -> dict[str, int]:
@@ -212,13 +223,15 @@ class Checkpointer:
             dist/        megatron-core torch_dist checkpoint of every rank's tensors (layout-free)
             hf/          config.json, tokenizer, processor of the model
             meta.json    the run's state (the loss-visible rank's `meta`)
-            COMPLETE     the manifest: format 2, the layout that wrote it, every file with its size (and sha256)
+            COMPLETE     the manifest: format 2, the layout that wrote it, every file with its size and checksum
 
-    `save` is collective and returns once the save has started; the checkpoint becomes visible (renamed from its
-    `.tmp-` name) only after every rank's write has finished and rank 0 has checked every file the torch_dist
-    metadata names against the disk. `poll` at every step, `wait` before the run ends."""
+    `save` is collective and returns once the save has started; state holding NaN/inf on any rank is refused before
+    anything is written. The checkpoint becomes visible (renamed from its `.tmp-` name) only after every rank's write
+    has finished and rank 0 has checked every file the torch_dist metadata names against the disk and checksummed
+    every file (megaapo.integrity: what a resume verifies). A failed write or commit removes the `.tmp-` directory.
+    `poll` at every step, `wait` before the run ends."""
 
-    def __init__(self, root, groups, *, keep_last: int = 2, async_save: bool = True, checksum: bool = False):
+    def __init__(self, root, groups, *, keep_last: int = 2, async_save: bool = True, checksum: bool = True):
         self.root, self.groups = Path(root), groups
         self.keep_last, self.checksum = keep_last, checksum
         self.saver = Saver(groups, async_save)
@@ -235,14 +248,19 @@ class Checkpointer:
         if len(metas) != 1:
             raise ValueError(f"checkpoint meta came from {len(metas)} ranks; exactly one (the loss-visible) passes it")
         final = self.root / ckpt.step_dir_name(step)
+        what = f"checkpoint {final.name} not saved (the newest complete one, {ckpt._newest(self.root)}, is untouched)"
+        bad = integrity.agree(_nonfinite(state), dist.group.WORLD)
+        if bad is not None:
+            raise ckpt.nonfinite_error(what, bad)
         tmp = self.root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"
 
         def make_tmp() -> None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            ckpt._remove_stale_tmp(self.root)
-            (tmp / DIST).mkdir(parents=True)
-            if hf_dir is not None:
-                _copy_side_files(Path(hf_dir), tmp / HF)
+            with rundir.writing(self.root, what, probe=True):
+                self.root.mkdir(parents=True, exist_ok=True)
+                ckpt._remove_stale_tmp(self.root)
+                (tmp / DIST).mkdir(parents=True)
+                if hf_dir is not None:
+                    _copy_side_files(Path(hf_dir), tmp / HF)
 
         _on_rank0(make_tmp)   # a failure (read-only, disk full) is raised on every rank
         box = [str(tmp)]
@@ -253,16 +271,22 @@ class Checkpointer:
 
         def commit() -> None:
             def on_rank0() -> None:
-                _write_meta(tmp, metas[0])
-                ckpt._commit(tmp, final, {**manifest, "files": _verified_files(tmp, self.checksum)})
-                ckpt.prune(self.root, self.keep_last)
+                try:
+                    with rundir.writing(tmp, what, probe=True):
+                        _write_meta(tmp, metas[0])
+                        ckpt._commit(tmp, final, {**manifest, "files": _verified_files(tmp, self.checksum)})
+                except rundir.WriteError:
+                    raise
+                except Exception as e:
+                    raise CheckpointError(f"{what}: {e}") from e
+                ckpt._prune_quietly(self.root, self.keep_last, protect=final)
             _on_rank0(on_rank0)   # every rank returns after the checkpoint is visible (or raises its error)
 
         def discard() -> None:
             if self.rank0:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-        self.saver.save(state, tmp / DIST, commit, discard)
+        self.saver.save(state, tmp / DIST, commit, discard, what)
 
     def poll(self) -> None:
         self.saver.poll()
@@ -275,17 +299,36 @@ class Checkpointer:
 
 
 def _on_rank0(fn: Callable[[], None]) -> None:
-    """Run fn on rank 0 and raise its error on every rank (collective)."""
+    """Run fn on rank 0 and raise its error on every rank (collective): rank 0 its own, the others one saying it."""
     err = None
     if dist.get_rank() == 0:
         try:
             fn()
         except Exception as e:   # reported on every rank below, so no rank waits on the others forever
-            err = f"{type(e).__name__}: {e}"
-    box = [err]
+            err = e
+    box = [None if err is None else f"rank 0: {err}"]
     dist.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
     if box[0] is not None:
         raise CheckpointError(box[0])
+
+
+def _nonfinite(state: dict) -> Optional[str]:
+    """integrity.nonfinite over this rank's tensors of a sharded state dict (the local data of each sharded item)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    def local(x):
+        if isinstance(x, ShardedBase):
+            return getattr(x, "data", None)
+        if isinstance(x, dict):
+            return {k: local(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [local(v) for v in x]
+        return x
+
+    with torch.no_grad():
+        return integrity.nonfinite(local(state))
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -308,7 +351,7 @@ def _write_meta(tmp: Path, meta: dict) -> None:
 
 
 def _verified_files(tmp: Path, checksum: bool) -> dict:
-    """Every file of the finished checkpoint with its size (and sha256); raises if a file the torch_dist metadata
+    """Every file of the finished checkpoint with its size and checksum; raises if a file the torch_dist metadata
     refers to is missing or shorter than the bytes it should hold."""
     from megaapo import checkpoint as ckpt
 
@@ -318,7 +361,7 @@ def _verified_files(tmp: Path, checksum: bool) -> dict:
             raise ckpt.CheckpointError(f"{f}: missing or shorter than the {need} bytes its metadata names")
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        files[str(f.relative_to(tmp))] = ckpt._file_info(f, checksum)
+        files[str(f.relative_to(tmp))] = integrity.file_info(f, checksum)
     return files
 
 
@@ -364,19 +407,14 @@ def _detach_targets(state: dict) -> None:
     dict_list_map_inplace(fresh, state)
 
 
-def read(path, state: dict, groups) -> tuple[dict, dict]:
+def read(path, state: dict, groups, verified: bool = False) -> tuple[dict, dict]:
     """(the tensors `state` asks for, the run meta) of the complete format-2 checkpoint at `path` (collective).
-    Sizes are checked on every rank; rank 0 also checks recorded sha256 sums, before anything is read."""
+    Every file's size and checksum are verified first (the hashing shared by the ranks), unless `verified`
+    (`checkpoint.resolve_resume` has just done it)."""
     from megaapo import checkpoint as ckpt
 
     path = Path(path)
-    manifest = ckpt.read_manifest(path)
-    problem = ckpt.check_complete(path)
-    if problem is None and dist.get_rank() == 0:
-        problem = ckpt.check_complete(path, checksum_files=set(manifest["files"]))
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    bad = next((p for p in problems if p is not None), None)
+    bad = None if verified else integrity.verify_together(path, dist.group.WORLD)
     if bad is not None:
         raise ckpt.CheckpointError(f"{path} is not a complete checkpoint: {bad}; checkpoint.resume=auto picks the "
                                    "newest complete one")

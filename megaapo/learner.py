@@ -324,14 +324,14 @@ class Learner:
     def sharded_state_dict(self, prefix: str = "", optimizer: bool = True, is_loading: bool = False) -> dict:
         """This rank's part of the learner's state for megatron-core's dist_checkpointing (megaapo.dist_checkpoint):
         the model's sharded tensors under `prefix`, and (when training) the optimizer's, the learning-rate schedule's
-        position and the weight version."""
+        position, the weight version and the count of skipped non-finite updates."""
         from megaapo.dist_checkpoint import model_sharded_state_dict
 
         model = model_sharded_state_dict(self.model, self.groups, prefix)
         state = {"model": model}
         if optimizer and self.optim is not None:
             state |= {"optimizer": self.optim.sharded_state_dict(model, is_loading), "lr_step": self.lr_step,
-                      "version": self.version}
+                      "version": self.version, "skipped_in_a_row": self.skipped_in_a_row}
         return state
 
     def load_sharded_state_dict(self, state: dict, prefix: str = "") -> None:
@@ -343,6 +343,7 @@ class Learner:
         if self.optim is not None:
             self.optim.load_sharded_state_dict(state["optimizer"])
             self.lr_step, self.version = int(state["lr_step"]), int(state["version"])
+            self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
 
     def load_model_tensors(self, tensors: dict) -> None:
         """Copy full local shards (state-dict keys) into the model; checked whole before anything is copied."""

@@ -21,15 +21,16 @@ def how_to_convert(path) -> str:
             f"{ckpt.step_dir_name(ckpt.read_manifest(path)['step'])}")
 
 
-def load(path, policy, reference=None) -> ckpt.Loaded:
+def load(path, policy, reference=None, verified: bool = False) -> ckpt.Loaded:
     """Load the format-1 checkpoint at `path` into `policy` (weights, optimizer, schedule position, version) and,
-    if it holds one, `reference`; returns what `checkpoint.load` read (meta, RNG). Collective."""
+    if it holds one, `reference`; returns what `checkpoint.load` read (meta, RNG). Collective. Each rank's files are
+    checked against their checksums first unless `verified` (`checkpoint.resolve_resume` verified them all)."""
     world = ckpt.read_manifest(path)["world_size"]
     if world != dist.get_world_size():
         raise ckpt.CheckpointError(f"{path} is in megaapo's format 1, written by {world} trainer processes, and loads "
                                    f"only at that layout (this run has {dist.get_world_size()}); "
                                    + how_to_convert(path))
-    loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False)
+    loaded = ckpt.load(path, rank=dist.get_rank(), weights_only=False, verified=verified)
     problem = _problem(loaded.shards, policy, reference)
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)

@@ -182,7 +182,7 @@ class Run:
         if dckpt.format_of(path) == 1:
             from megaapo import legacy_checkpoint
 
-            loaded = legacy_checkpoint.load(path, self.policy, self.reference)
+            loaded = legacy_checkpoint.load(path, self.policy, self.reference, verified=True)
             ckpt.restore_rng(loaded.shards["rng"])
             meta, how = loaded.meta, "megaapo's format 1, converted on load: the next checkpoint is in the new format"
         else:
@@ -201,7 +201,7 @@ class Run:
         same = dckpt.same_layout(path, self.groups) and "rng" in contents
         if not same:
             del state["rng"]   # RNG streams belong to the ranks that drew them
-        loaded, meta = dckpt.read(path, state, self.groups)
+        loaded, meta = dckpt.read(path, state, self.groups, verified=True)   # resolve_resume verified it
         self.policy.load_sharded_state_dict(loaded["policy"])
         if "ref" in loaded:
             self.reference.load_sharded_state_dict(loaded["ref"], prefix="ref.")

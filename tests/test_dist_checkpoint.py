@@ -306,15 +306,16 @@ def test_format1_checkpoint_converts_on_load_or_is_refused(tiny_model, tmp_path)
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch, async_save):
-    """A write that fails in megatron's writer processes (ENOSPC, injected at torch_dist's item write: the one fault
-    here that cannot be caused for real without a small filesystem) raises one WriteError naming the cause, removes
-    the uncommitted directory and leaves the previous checkpoint the newest."""
+    """A write that fails in megatron's writer processes (ENOSPC injected at torch_dist's item write; a real full
+    filesystem under a whole run is tests/test_faults.py's) raises one WriteError naming the cause, removes the
+    uncommitted directory and leaves the previous checkpoint the newest."""
     import errno
 
     from dist_workers import optim_learner
 
     from megaapo import checkpoint as ckpt
     from megaapo import dist_checkpoint as dckpt
+    from megaapo import rundir
     from megaapo.distributed import destroy, init_distributed
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -330,12 +331,50 @@ def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monke
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(filesystem_async, "_write_item", full)
-        with pytest.raises(dckpt.WriteError, match="checkpoint step_000002 not saved: .*No space left on device"):
+        with pytest.raises(rundir.WriteError, match=r"^checkpoint step_000002 not saved \(the newest complete one, "
+                           r"step_000001, is untouched\): cannot write .*: No space left on device \(the filesystem"):
             saver.save(2, {"policy": learner.sharded_state_dict()}, {"step": 2})
             saver.wait()
         saver.close()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
         assert ckpt.find_latest(tmp_path) == tmp_path / "step_000001"
+    finally:
+        if started:
+            destroy()
+
+
+def test_nonfinite_state_is_refused_and_a_changed_file_is_never_read(tiny_model, tmp_path):
+    """The issue-16 guarantees on this format: state holding NaN is refused before anything is written (on every
+    rank: the check is agreed), and `read` verifies every file's checksum first, so a checkpoint changed in place
+    is refused by name instead of loaded."""
+    from dist_workers import optim_learner
+
+    from megaapo import checkpoint as ckpt
+    from megaapo import dist_checkpoint as dckpt
+    from megaapo.distributed import destroy, init_distributed
+
+    started = not torch.distributed.is_initialized()
+    groups = init_distributed()
+    try:
+        learner = optim_learner(str(tiny_model), groups, "torch")
+        saver = dckpt.Checkpointer(tmp_path, groups, async_save=False)
+        saver.save(1, {"policy": learner.sharded_state_dict()}, {"step": 1})
+        assert "xxh3_128" in ckpt.read_manifest(tmp_path / "step_000001")["files"]["dist/__0_0.distcp"]
+        weight = dict(learner.model.named_parameters())["lm.decoder.layers.0.mlp.linear_fc1.weight"]
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        with pytest.raises(ckpt.CheckpointError, match=r"checkpoint step_000002 not saved \(the newest complete one, "
+                           r"step_000001, is untouched\): 1 tensor\(s\) hold NaN/inf values \(.*linear_fc1"):
+            saver.save(2, {"policy": learner.sharded_state_dict()}, {"step": 2})
+        saver.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+
+        shard = tmp_path / "step_000001" / "dist" / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.raises(ckpt.CheckpointError, match="dist/__0_0.distcp fails its xxh3_128 checksum"):
+            dckpt.read(tmp_path / "step_000001", {"policy": learner.sharded_state_dict(is_loading=True)}, groups)
     finally:
         if started:
             destroy()
