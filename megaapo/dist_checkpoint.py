@@ -20,6 +20,9 @@ TemporalAsyncCaller: the fork is the snapshot, so training goes on at once) and 
 write has finished. Load: each data-parallel replica reads part of the tensors and they exchange the rest
 (FullyParallelLoadStrategyWrapper). Loading reads into fresh tensors; the caller applies them only when everything
 was read, so nothing half-loads.
+Integrity is megaapo.integrity's, as for every checkpoint: NaN/inf state is refused before a save, the commit
+checksums every file into the manifest, `read` verifies them before reading, and a failed write or commit is a
+`rundir.WriteError` (one line) after the `.tmp-` directory is removed.
 
 On CPU / gloo all of this runs (the CPU shim redirects fully parallel loading's "cuda" buffers); megatron's
 persistent async worker (`PersistentAsyncCaller`, CUDA-only: it calls `torch.cuda.set_device`) and the NVRx async
