@@ -37,9 +37,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def model_sharded_state_dict(model, groups, prefix: str = "") -> dict:
     return state
 
 
-def rng_sharded_object(state: Optional[dict]):
+def rng_sharded_object(state: dict | None):
     """This rank's RNG state as a ShardedObject of a (world size,) grid; `state` None to load it."""
     from megatron.core.dist_checkpointing import ShardedObject
 
@@ -109,7 +109,7 @@ class Saver:
         # structure of a run's checkpoints does not change).
         self.strategy = FullyParallelSaveStrategyWrapper(base, groups.dp, do_cache_distribution=True)
         self.queue = AsyncCallsQueue() if async_save else None
-        self.pending: Optional[_Pending] = None
+        self.pending: _Pending | None = None
 
     def save(self, state: dict, directory: Path, commit: Callable[[], None],
              on_failure: Callable[[], None], what: str) -> None:
@@ -144,7 +144,7 @@ class Saver:
     def _finalise(self, run: Callable, keep_pending: bool = False):
         """run(); a failure removes the uncommitted directory and is raised (megatron raises a failed write on every
         rank; the commit raises its own on every rank)."""
-        from torch.distributed.checkpoint.api import CheckpointException   # a BaseException, not an Exception
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         try:
             out = run()
@@ -184,7 +184,7 @@ def _root_cause(e: BaseException) -> BaseException:
     exception, and megatron wraps a writer's OSError in a RuntimeError."""
     failures = getattr(e, "failures", None)
     if failures:
-        return _root_cause(sorted(failures.items())[0][1][0])
+        return _root_cause(failures[min(failures)][0])
     while e.__cause__ is not None:
         e = e.__cause__
     # megatron's async writer passes a worker's OSError back as text: "Worker failure: [Errno 28] No space ..."
@@ -240,7 +240,7 @@ class Checkpointer:
         self.saver = Saver(groups, async_save)
         self.rank0 = dist.get_rank() == 0
 
-    def save(self, step: int, state: dict, meta: Optional[dict], hf_dir: Optional[Path] = None) -> None:
+    def save(self, step: int, state: dict, meta: dict | None, hf_dir: Path | None = None) -> None:
         """Start writing `state` (a sharded state dict) as `step_N`; `meta` (JSON) from exactly one rank."""
         from megaapo import checkpoint as ckpt
 
@@ -307,7 +307,7 @@ def _on_rank0(fn: Callable[[], None]) -> None:
     if dist.get_rank() == 0:
         try:
             fn()
-        except Exception as e:   # reported on every rank below, so no rank waits on the others forever
+        except Exception as e:  # noqa: BLE001 -- reported on every rank below, so no rank waits on the others
             err = e
     box = [None if err is None else f"rank 0: {err}"]
     dist.broadcast_object_list(box, src=0)
@@ -317,7 +317,7 @@ def _on_rank0(fn: Callable[[], None]) -> None:
         raise CheckpointError(box[0])
 
 
-def _nonfinite(state: dict) -> Optional[str]:
+def _nonfinite(state: dict) -> str | None:
     """integrity.nonfinite over this rank's tensors of a sharded state dict (the local data of each sharded item)."""
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 

@@ -312,12 +312,12 @@ def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monke
     import errno
 
     from dist_workers import optim_learner
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megaapo import checkpoint as ckpt
     from megaapo import dist_checkpoint as dckpt
     from megaapo import rundir
     from megaapo.distributed import destroy, init_distributed
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     started = not torch.distributed.is_initialized()
     groups = init_distributed()
