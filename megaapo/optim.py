@@ -100,8 +100,9 @@ class TorchOptimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.master = None
-        if self.params and self.params[0].dtype != torch.float32:
-            # Adam updates fp32 master copies, which are cast back after every step.
+        if any(p.dtype != torch.float32 for p in self.params):
+            # Adam updates fp32 master copies, which are cast back after every step. Any low-precision parameter
+            # decides: megatron's RMSNorm weights are fp32 in a bf16 model, and a later pipeline stage starts with one.
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         opt_params = self.master or self.params
         decay = [q for (n, p), q in zip(named, opt_params) if not no_weight_decay(n, p)]
