@@ -63,26 +63,26 @@ class StepResult:
 
 class Learner:
     def __init__(self, hf_path, groups, model_cfg, parallel_cfg, optim_cfg=None, *, total_steps: int = 1,
-                 load_weights: bool = True):
+                 load_weights: bool = True, hf_config=None):
         """load_weights=False: only the model's config is read from hf_path; the weights are left unset for a
-        checkpoint to fill (`load_sharded_state_dict`)."""
+        checkpoint to fill (`load_sharded_state_dict`). hf_config: build this config's shapes and leave the weights
+        uninitialised instead of reading hf_path (the memory planner traces such a learner with fake tensors;
+        benchmarks time one)."""
         self.groups, self.parallel = groups, parallel_cfg
         from megaapo.convert import MCORE_META, load_mcore_into
 
-        src = Path(hf_path)
-        sharded = (src / MCORE_META).is_file()   # an `megaapo convert hf-to-mcore` directory
+        src = Path(hf_path) if hf_config is None else None
+        sharded = src is not None and (src / MCORE_META).is_file()   # an `megaapo convert hf-to-mcore` directory
         self.hf_dir = src / "hf" if sharded else src
-        self.hf_config = load_hf_config(self.hf_dir)
+        self.hf_config = load_hf_config(self.hf_dir) if hf_config is None else hf_config
         self.model = Qwen25VLModel(self.hf_config, groups, dtype=model_cfg.dtype, attention=model_cfg.attention,
                                    recompute=model_cfg.recompute).to(groups.device)
         self.shape = self.model.shape
         # Losses arrive already normalised by the global batch: megatron must not rescale them per micro-batch.
         self.model.config.calculate_per_token_loss = True
-        if not load_weights:
-            pass
-        elif sharded:
+        if load_weights and sharded:
             load_mcore_into(self.model, src, groups.tp_size, groups.tp_rank, groups.pp_size, groups.pp_rank)
-        else:
+        elif load_weights and src is not None:
             load_into(self.model, HFReader(src), self.shape, groups.tp_size, groups.tp_rank)
         if model_cfg.freeze_vision and self.model.vision is not None:
             self.model.vision.requires_grad_(False)

@@ -102,25 +102,16 @@ def image_processor_config(min_pixels: int = 3136, max_pixels: int = 1003520) ->
             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
 
 
-def build_tiny(out: str | Path, *, vocab: str = "small", tie_embeddings: bool = False, hidden_size: int = 64,
-               num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256,
-               vision_depth: int = 2, vision_hidden_size: int = 64, seed: int = 0, dtype: str = "float32",
-               min_pixels: int = 3136, max_pixels: int = 1003520) -> Path:
-    """Write a random-weight Qwen2.5-VL checkpoint to `out` and return the path."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def tiny_config(vocab_size: int, ids: dict | None = None, *, tie_embeddings: bool = False, hidden_size: int = 64,
+                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256,
+                vision_depth: int = 2, vision_hidden_size: int = 64):
+    """The `Qwen2_5_VLConfig` of a tiny model. ids: special token -> id (default: the last ids of the vocabulary,
+    for configs used without a tokenizer, such as the memory plan's cross-check)."""
+    from transformers import Qwen2_5_VLConfig
 
-    head_dim = hidden_size // num_heads
-    if hidden_size % num_heads or head_dim % 8 or num_heads % num_kv_heads:
-        raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of a multiple of "
-                         f"8 dims, and num_heads must be a multiple of num_kv_heads={num_kv_heads}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab)
-    tok.save_pretrained(out)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = REAL_VOCAB_SIZE if vocab == "real" else -(-len(tok) // 64) * 64  # padded like real checkpoints
+    ids = ids or {t: vocab_size - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
     # mrope splits head_dim/2 rotary frequencies into (temporal, height, width): Qwen2.5-VL uses [16, 24, 24] of 64.
-    half = head_dim // 2
+    half = hidden_size // num_heads // 2
     t_sec = half // 4
     mrope = [t_sec, (half - t_sec) // 2, half - t_sec - (half - t_sec) // 2]
     cfg = Qwen2_5_VLConfig(
@@ -138,6 +129,33 @@ def build_tiny(out: str | Path, *, vocab: str = "small", tie_embeddings: bool = 
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tie_embeddings)
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return cfg
+
+
+def build_tiny(out: str | Path, *, vocab: str = "small", tie_embeddings: bool = False, hidden_size: int = 64,
+               num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256,
+               vision_depth: int = 2, vision_hidden_size: int = 64, seed: int = 0, dtype: str = "float32",
+               min_pixels: int = 3136, max_pixels: int = 1003520, weights: bool = True) -> Path:
+    """Write a random-weight Qwen2.5-VL checkpoint to `out` and return the path (weights=False: the config and
+    tokenizer only, for tools that need the shapes, such as the memory plan)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    head_dim = hidden_size // num_heads
+    if hidden_size % num_heads or head_dim % 8 or num_heads % num_kv_heads:
+        raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of a multiple of "
+                         f"8 dims, and num_heads must be a multiple of num_kv_heads={num_kv_heads}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab)
+    tok.save_pretrained(out)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = REAL_VOCAB_SIZE if vocab == "real" else -(-len(tok) // 64) * 64  # padded like real checkpoints
+    cfg = tiny_config(vocab_size, ids, tie_embeddings=tie_embeddings, hidden_size=hidden_size, num_layers=num_layers,
+                      num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                      vision_depth=vision_depth, vision_hidden_size=vision_hidden_size)
+    if not weights:
+        cfg.save_pretrained(out)
+        return out
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
     model.save_pretrained(out)
