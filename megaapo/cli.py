@@ -5,6 +5,8 @@
     megaapo eval [CONFIG] --checkpoint PATH [--bench NAME=FILE ...] [--responses FILE] [section.key=value ...]
                                                         score a checkpoint on benchmark files
     megaapo config PRESET [section.key=value ...]       print the resolved config as YAML
+    megaapo plan CONFIG [--gpus N] [section.key=value ...]
+                                                        a step's GPU memory per rank, traced on CPU, and the verdict
     megaapo data synth --out DIR --n N --seed S         render the synthetic multimodal reasoning dataset
     megaapo data check PATH [--model DIR]               validate a data file and print counts per skip reason
     megaapo model tiny --out DIR [--vocab small|real]   write a tiny random-weight Qwen2.5-VL checkpoint
@@ -46,6 +48,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.overrides)
     sys.stdout.write(to_yaml(cfg))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from megaapo.config import load_config
+    from megaapo.memory import plan_memory, render
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_memory(cfg, world_size=args.gpus, gpu=args.gpu, target=args.target)
+    print(render(plan, title=args.config))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=1, default=str))
+    return 0 if plan.fits else 1
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -264,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("preset", help="preset name (demo, apo_view_r1_3b, ...) or YAML file")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=cmd_config)
+
+    pl = sub.add_parser("plan", help="a training step's GPU memory per rank, traced on CPU with fake tensors, "
+                                     "and whether the layout fits the GPU (exit 1 when it does not)")
+    pl.add_argument("config", help="preset name or YAML file")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, default=None, help="trainer GPUs (world size; default parallel.tp x pp)")
+    pl.add_argument("--gpu", default=None, help="GPU name or size (default trainer.gpu; auto: this GPU, else "
+                                                "h100-80gb)")
+    pl.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
+                    help="cuda: the GPU code paths (default); cpu: this machine's, as the CPU cross-check uses")
+    pl.add_argument("--json", default="", help="also write the plan as JSON here")
+    pl.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="render the synthetic multimodal reasoning dataset")

@@ -221,6 +221,10 @@ class TrainerConfig:
     eval_size: int = _opt(200, ge=1)
     threads: int = _opt(0, ge=0, help="torch CPU threads; 0 leaves torch's default")
     dry_run: bool = False
+    gpu: str = _opt("auto", help="the GPU the memory plan checks against: auto (the device's own on GPU runs; no "
+                                 "check on CPU runs), a name (h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb) "
+                                 "or a size such as 80gib")
+    memory_check: bool = _opt(True, help="plan the step's GPU memory at start-up and refuse a layout that cannot fit")
 
 
 # ------------------------------------------------------------------------------------------------------- logging
@@ -459,6 +463,13 @@ def _validate_cross(cfg: MegaapoConfig) -> None:
                           "of one answer)")
     if cfg.rollout.mode == "colocated":
         _validate_colocated(cfg)
+    if cfg.trainer.gpu != "auto":
+        from megaapo.memory.plan import gpu_bytes  # the memory plan owns its GPU names
+
+        try:
+            gpu_bytes(cfg.trainer.gpu)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     t = cfg.model.tiny
     if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads or (t.hidden_size // t.num_heads) % 8:
         raise ConfigError(f"model.tiny: hidden_size={t.hidden_size} must split into num_heads={t.num_heads} heads of "
