@@ -80,6 +80,7 @@ class Run:
         if not self.rank0:
             inputs = prepare_inputs(cfg.model, cfg.data, self.run_dir, supervised=self.job == "sft")
         self.model_path = inputs.model_path
+        self._check_memory()
         self.train, self.eval = inputs.train, inputs.eval[:cfg.trainer.eval_size]
         if self.job == "sft" and cfg.sft.epochs:
             cfg.trainer.total_steps = math.ceil(cfg.sft.epochs * len(self.train) / cfg.sft.batch_size)
@@ -133,6 +134,27 @@ class Run:
             self.log(0, self.evaluate(0))
         # From here on SIGTERM/SIGUSR1 mean "save at the next step and exit"; before, they simply stop the start-up.
         self.stop = ckpt.install_stop_handler() if cfg.checkpoint.save_on_sigterm else None
+
+    def _check_memory(self) -> None:
+        """RL: refuse a layout whose step cannot fit its GPUs, before any learner or engine takes memory (the plan
+        is made on rank 0, the verdict shared). A plan that cannot be made is a warning, not a stop."""
+        from megaapo.memory import MemoryPlanError, startup_check
+
+        if self.job != "rl":
+            return
+        problem = None
+        if self.rank0:
+            try:
+                startup_check(self.cfg, self.model_path, dist.get_world_size(), self.groups.device.type == "cuda")
+            except MemoryPlanError as e:
+                problem = str(e)
+            except Exception as e:   # noqa: BLE001 - the check is advice; a bug in it must not stop a run
+                log.warning("memory plan could not be made (%s: %s); starting without the check",
+                            type(e).__name__, e)
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise MemoryPlanError(box[0])
 
     def _start_engines(self) -> None:
         from megaapo.rewards.pool import RewardScorer
