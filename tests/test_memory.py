@@ -18,7 +18,7 @@ sys.path.append(str(ROOT / "benchmarks"))   # after the repository: benchmarks/k
 H, LAYERS, NH, NKV, FFN, VOCAB, HV, VISION_DEPTH = 128, 4, 4, 2, 320, 1024, 64, 1
 MODEL = dict(hidden_size=H, num_layers=LAYERS, num_heads=NH, num_kv_heads=NKV, intermediate_size=FFN,
              vision_depth=VISION_DEPTH, vision_hidden_size=HV)
-STEP = ["data.max_prompt_tokens=16", "rollout.max_new_tokens=16", "parallel.micro_batch_tokens=64",
+STEP = ["data.max_prompt_tokens=16", "rollout.max_new_tokens=16", "parallel.micro_batch_tokens=32",
         "rollout.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_images_per_prompt=0", "algo.kl_coef=0",
         "algo.updates_per_batch=1", "model.dtype=bfloat16"]
 
@@ -87,12 +87,19 @@ def static_traces():
     for impl, tp, pp, dp, stage, target in cases:
         cfg = load_config("demo", STEP + [f"optim.impl={impl}", f"parallel.tp={tp}", f"parallel.pp={pp}"])
         jobs.append((cfg, hf, tp, pp, dp, stage, step_shape(cfg, dp, pp), target))
+    for packing in (True, False):   # one sample per micro-batch: a packed row is a padded row without padding
+        cases.append(("packing", packing))
+        cfg = load_config("demo", STEP + ["optim.impl=megatron", f"parallel.sequence_packing={packing}"])
+        jobs.append((cfg, hf, 1, 1, 1, 0, step_shape(cfg, 1, 1), "cuda"))
     return dict(zip(cases, trace_jobs(jobs)))
 
 
 @pytest.mark.slow
 def test_static_memory_matches_hand_computed_figures(static_traces):
-    for (impl, tp, pp, dp, stage, target), t in static_traces.items():
+    for key, t in static_traces.items():
+        if key[0] == "packing":
+            continue
+        impl, tp, pp, dp, stage, target = key
         bf16, fp32 = hand_params(tp, pp, stage)
         got = {k: t.resident.get(k, 0) for k in ("weights", "grads", "optimizer")}
         if impl == "torch":   # the step has no images: the vision tower (stage 0) gets no gradient
@@ -114,6 +121,15 @@ def test_pipeline_stages_hold_the_in_flight_activations(static_traces):
     first, last = static_traces[("megatron", 1, 2, 2, 0, "cuda")], static_traces[("megatron", 1, 2, 2, 1, "cuda")]
     assert "log-prob pass" not in first.category_peaks and last.category_peaks["log-prob pass"] > 0
     assert first.category_peaks["activations"] > 1.5 * last.category_peaks["activations"]
+
+
+@pytest.mark.slow
+def test_packed_attention_is_planned_as_the_gpu_varlen_kernel_keeps_it(static_traces):
+    """GPU plan, one sample per micro-batch: a packed row keeps what a padded row of the same sample keeps (the
+    varlen kernel's output and log-sum-exp), not the CPU path's per-sample outputs and their concatenation."""
+    packed, padded = static_traces[("packing", True)], static_traces[("packing", False)]
+    assert packed.category_peaks["activations"] == padded.category_peaks["activations"], \
+        (packed.category_peaks, padded.category_peaks)
 
 
 @pytest.mark.slow

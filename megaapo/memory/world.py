@@ -17,9 +17,11 @@ allocates:
   torch.compile'd there and run eagerly here: the same tensors are kept for the backward);
 - torch AdamW inside megatron's optimizer takes its multi-tensor (foreach) path, the default for CUDA tensors,
   which holds one extra fp32 copy of the optimizer shard (sqrt of the second moment) during the step.
-Attention needs no swap: SDPA on CPU takes its flash kernel, which keeps what flash attention keeps on the GPU (the
-output and an fp32 log-sum-exp per row and head). For both targets the vision tower's window attention runs as one
-call (`_one_call_attention`).
+- a packed row's variable-length attention is one causal SDPA call over the row (`_varlen_on_gpu`): SDPA on CPU
+  takes its flash kernel, which keeps what the varlen flash kernel keeps on the GPU (the output and an fp32
+  log-sum-exp per token and head), without the CPU path's per-sample outputs and their concatenation.
+Padded rows need no swap: causal SDPA on CPU is the same flash kernel. For both targets the vision tower's window
+attention runs as one call (`_one_call_attention`).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def gpu_path(target: str, tracker):
 
     import kernels.fused_logprob as fl
     import megaapo.learner
+    import megaapo.models.qwen2_5_vl.attention as attention
     from megaapo.models.logprob import token_logprobs
 
     def in_category(fn, name):
@@ -174,7 +177,8 @@ def gpu_path(target: str, tracker):
             return token_logprobs(*args, **{**kwargs, "use_kernel": True})
 
         items += _kernel_stubs() + [(fl, "_accumulate_wgrad", lambda dw, dz, h, first: None),
-                                    (megaapo.learner, "token_logprobs", on_gpu)]
+                                    (megaapo.learner, "token_logprobs", on_gpu),
+                                    (attention, "varlen_attention", _varlen_on_gpu)]
     saved = os.environ.get("MEGAAPO_TRITON")
     if target == "cuda":
         os.environ["MEGAAPO_TRITON"] = "1"   # the learner's switch to the fused loss for non-CUDA tensors
@@ -186,6 +190,16 @@ def gpu_path(target: str, tracker):
             os.environ.pop("MEGAAPO_TRITON", None)
         else:
             os.environ["MEGAAPO_TRITON"] = saved
+
+
+def _varlen_on_gpu(q, k, v, cu_seqlens, max_seqlen, scale, flash_attn=False):
+    """A packed row's attention as the CUDA varlen kernels allocate it: the output [T, heads, d] (contiguous) and an
+    fp32 log-sum-exp per token and head, kept for the backward. One causal SDPA call over the whole row keeps
+    exactly that on CPU (its flash kernel); the CPU path's per-sample calls would add a concatenated copy."""
+    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                           enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
 
 
 VISION_ATTENTION = "megaapo_plan_flash"   # "flash" in the name makes transformers pass the window bounds
