@@ -65,21 +65,22 @@ def steps() -> list[Step]:
         Step("device", "the GPU, torch, triton", [py, "-c", "import torch, triton; assert torch.cuda.is_available(), "
              "'no CUDA device'; p = torch.cuda.get_device_properties(0); print(p.name, f'{p.total_memory / 2**30:.0f}"
              " GiB', 'sm', p.major, p.minor, 'torch', torch.__version__, 'triton', triton.__version__)"], 20, 10),
-        Step("wheels", "install the carried wheels (.whl/) into a private site directory", [], 30, 10),
+        Step("wheels", "install the carried wheels (.whl/) into a private site directory", [], 25, 10),
         Step("compile", "every kernel variant compiled for sm_80/90/100; table -> docs/kernels.md",
              [py, "-m", "kernels.compile_check", "--write-docs", "--json", "{results}/compile.json"], 45, 20,
              files=("kernels/compile_check.py",)),
         Step("kernel-tests", "the kernel tests on CUDA (fp64 references, launch counts, TP=2 on gloo)",
              [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "8", *KERNEL_TESTS, "--junitxml",
-              "{results}/kernel_tests.xml"], 110, 70, files=tuple(KERNEL_TESTS) + ("tests/conftest.py",)),
+              "{results}/kernel_tests.xml"], 100, 70, files=tuple(KERNEL_TESTS) + ("tests/conftest.py",)),
         Step("kernels-bench", "benchmarks/kernels.py: log-prob and RL-op kernels vs floor / eager / Liger / "
              "torch.compile -> docs/kernels.md", [py, "benchmarks/kernels.py", "--write-docs", "--reps", "3"], 150,
              120, files=("benchmarks/kernels.py",)),
         Step("learner-bench", "benchmarks/learner.py: megatron learner vs HF at 3B shapes -> docs/learner.md",
              [py, "benchmarks/learner.py", "--write-docs", "--steps", "2"], 90, 75, files=("benchmarks/learner.py",)),
-        Step("memory-plan", "benchmarks/memory_plan.py: the memory plan against the measured peak -> docs/",
-             [py, "benchmarks/memory_plan.py", "--write-docs"], 35, 25, needs="benchmarks/memory_plan.py",
-             files=("benchmarks/memory_plan.py",)),
+        Step("memory-plan", "benchmarks/memory_plan.py: the memory plan of one step (3B width and vocabulary, 4 "
+             "layers, 2 x 4096 packed tokens, an image each, reference) against its measured peak -> docs/memory.md",
+             [py, "benchmarks/memory_plan.py", "--cases", "gpu check", "--write-docs"], 50, 30,
+             needs="benchmarks/memory_plan.py", files=("benchmarks/memory_plan.py",)),
     ]
 
 

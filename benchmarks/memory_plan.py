@@ -1,6 +1,7 @@
 """The memory plan against a measured step: `megaapo plan`'s simulated peak vs the allocator's own, same calls.
 
-    python benchmarks/memory_plan.py                 # GPU: 3B shapes, random weights, bf16 (two steps, see gpu cases)
+    python benchmarks/memory_plan.py                 # GPU: 3B shapes, random weights, bf16 (three steps, see cases)
+    python benchmarks/memory_plan.py --cases "gpu check" --write-docs   # the GPU check's step (~30 s on an H100)
     python benchmarks/memory_plan.py --smoke         # CPU: a small model, plan vs the CPU allocator's peak (the tests)
     python benchmarks/memory_plan.py --write-docs    # also write the table into docs/memory.md
     python benchmarks/memory_plan.py --presets 3B --write-docs    # the presets' plans (titles with "3B") into the docs
@@ -22,6 +23,7 @@ import argparse
 import datetime
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +52,17 @@ RL_STEP = ["data.max_prompt_tokens=1536", "rollout.max_new_tokens=512", "paralle
            "algo.old_logprob=learner", "model.dtype=bfloat16", "model.recompute=selective"]
 
 
+# the GPU check's case (benchmarks/gpu_check.py, a 50 s step): every part of the GPU path in a model that traces in
+# seconds: Qwen2.5-VL-3B's width and vocabulary (the fused log-prob workspace at its real size) with 4 layers and a
+# 2-block vision tower, 2 packed samples of 4096 tokens with a 256-token image each, reference model, megatron optimizer
+CHECK_MODEL = dict(hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=2, intermediate_size=11008,
+                   vision_depth=2, vision_hidden_size=128, tie_embeddings=True)
+CHECK_STEP = ["data.max_prompt_tokens=1024", "rollout.max_new_tokens=3072", "parallel.micro_batch_tokens=4096",
+              "rollout.prompts_per_step=1", "rollout.n_samples=2", "rollout.max_images_per_prompt=1",
+              "data.max_pixels=200704", "algo.updates_per_batch=1", "algo.kl_coef=0.001", "model.dtype=bfloat16",
+              "model.recompute=selective", "parallel.sequence_packing=true", "optim.impl=megatron"]
+
+
 def cases(smoke: bool) -> list:
     """(name, config, HF config, target, (tp, pp, dp))."""
     from megaapo.config import load_config
@@ -70,7 +83,10 @@ def cases(smoke: bool) -> list:
                      vision_depth=2, vision_hidden_size=128, tie_embeddings=True)
     rl = published_config("3b")
     rl.text_config.num_hidden_layers = 12
-    return [("the learner benchmark's step: 3B language model, 4 x 4096 tokens, megatron optimizer",
+    check = tiny_config(151936, **CHECK_MODEL)
+    return [("gpu check: 3B width and vocabulary, 4 layers, 2 x 4096 tokens packed with an image each, reference",
+             load_config("apo_view_r1_3b", CHECK_STEP), check, "cuda", (1, 1, 1)),
+            ("the learner benchmark's step: 3B language model, 4 x 4096 tokens, megatron optimizer",
              load_config("apo_view_r1_3b", LEARNER_STEP), lm, "cuda", (1, 1, 1)),
             ("RL step: 3B vision tower + 12 layers, 2 x 2048 tokens with an image each, reference, old log-probs",
              load_config("apo_view_r1_3b", RL_STEP), rl, "cuda", (1, 1, 1))]
@@ -154,22 +170,33 @@ def run(smoke: bool, only: tuple = ()) -> list[dict]:
     from megaapo.memory.trace import step_shape
 
     todo = [c for c in cases(smoke) if not only or any(o in c[0] for o in only)]
+    if not todo:
+        raise SystemExit(f"no case matches {only}: {[c[0] for c in cases(smoke)]}")
     jobs = [(cfg, hf, tp, pp, dp, stage, step_shape(cfg, dp, pp), target)
             for _, cfg, hf, target, (tp, pp, dp) in todo for stage in stages_to_trace(pp)]
-    traces = iter(trace_jobs(jobs))   # all traced first, in parallel spawned processes (as `megaapo plan` does)
+    # traced in spawned CPU processes, as `megaapo plan` does; on a GPU while this process measures (CUDA is
+    # initialised first: the tracer hides the GPU from its workers through CUDA_VISIBLE_DEVICES)
+    if not smoke:
+        torch.cuda.init()
+    with ThreadPoolExecutor(1) as pool:
+        traced = pool.submit(trace_jobs, jobs) if not smoke else None
+        measured = [measure_case(cfg, hf_cfg, target, layout) for _, cfg, hf_cfg, target, layout in todo]
+        traces = iter(traced.result() if traced else trace_jobs(jobs))
     rows = []
-    for name, cfg, hf_cfg, target, (tp, pp, dp) in todo:
-        stage_traces = [next(traces) for _ in stages_to_trace(pp)]
-        if tp * pp * dp == 1:
-            measured = {(0, 0, 0): measure(cfg, hf_cfg, target)}
-        else:
-            measured = {k: {"peak": v} for k, v in measure_ranks(cfg, hf_cfg, (tp, pp, dp)).items()}
-        for t in stage_traces:
-            m = measured[(t.stage, 0, 0)]
+    for (name, cfg, hf_cfg, target, (tp, pp, dp)), m_case in zip(todo, measured):
+        for t in [next(traces) for _ in stages_to_trace(pp)]:
+            m = m_case[(t.stage, 0, 0)]
             label = name if pp == 1 else f"{name}, stage {t.stage}"
             rows.append({"case": label, "plan": t.peak, "phase": t.peak_phase, "trace_s": t.seconds, **m,
                          "error": t.peak / m["peak"] - 1})
     return rows
+
+
+def measure_case(cfg, hf_cfg, target: str, layout) -> dict:
+    """{(pp stage, tp rank, dp rank): measured} of one case: in this process for one rank, else gloo processes."""
+    if layout == (1, 1, 1):
+        return {(0, 0, 0): measure(cfg, hf_cfg, target)}
+    return {k: {"peak": v} for k, v in measure_ranks(cfg, hf_cfg, layout).items()}
 
 
 def table(rows: list[dict], smoke: bool) -> str:
@@ -220,22 +247,18 @@ def write_docs(text: str, marker: str, after: str = "") -> None:
 # the plans docs/memory.md shows: (title, preset, overrides, trainer GPUs)
 PRESET_PLANS = [
     ("3B, APO preset, 8 GPUs", "apo_view_r1_3b", [], 8),
-    ("3B, APO preset, 8 GPUs, full recompute", "apo_view_r1_3b", ["model.recompute=full"], 8),
-    ("3B, APO preset, 8 GPUs, colocated, full recompute", "apo_view_r1_3b",
-     ["model.recompute=full", "rollout.mode=colocated"], 8),
     ("3B, 4 x 4096 tokens one per micro-batch (the learner benchmark's step), no reference model, 1 GPU",
      "apo_view_r1_3b", LEARNER_STEP, 1),
-    ("3B language model (the learner benchmark's model), the same step, 1 GPU", "apo_view_r1_3b",
-     LEARNER_STEP + LEARNER_MODEL, 1),
-    ("3B, 4 x 4096 tokens one per micro-batch, with the reference model, 2 GPUs", "apo_view_r1_3b",
-     LEARNER_STEP + ["algo.kl_coef=0.001"], 2),
-    ("3B, 4 x 4096 tokens in one micro-batch, no reference model, 8 GPUs", "apo_view_r1_3b",
-     LEARNER_STEP + ["parallel.micro_batch_tokens=16384"], 8),
     ("7B, StepGRPO preset, 8 GPUs", "stepgrpo_r1vl", [], 8),
-    ("7B, StepGRPO preset, 8 GPUs, TP=2, selective recompute", "stepgrpo_r1vl",
-     ["parallel.tp=2", "model.recompute=selective"], 8),
     ("72B, APO preset's step, TP=8 PP=4, 32 GPUs, engines TP=8", "apo_view_r1_3b",
      ["model.path=Qwen2.5-VL-72B-Instruct", "parallel.tp=8", "parallel.pp=4", "rollout.tensor_parallel_size=8"], 32),
+    ("3B, APO preset, 8 GPUs, full recompute", "apo_view_r1_3b", ["model.recompute=full"], 8),
+    ("3B, 4 x 4096 tokens one per micro-batch, with the reference model, 2 GPUs (DP=2)", "apo_view_r1_3b",
+     LEARNER_STEP + ["algo.kl_coef=0.001"], 2),
+    ("3B, APO preset, colocated (1 trainer GPU, the engine asleep during the step), full recompute",
+     "apo_view_r1_3b", ["model.recompute=full", "rollout.mode=colocated"], 1),
+    ("7B, StepGRPO preset, 8 GPUs, TP=2, selective recompute", "stepgrpo_r1vl",
+     ["parallel.tp=2", "model.recompute=selective"], 8),
     ("72B, TP=8 PP=4, full recompute, reference offloaded, 64 GPUs (DP=2)", "apo_view_r1_3b",
      ["model.path=Qwen2.5-VL-72B-Instruct", "parallel.tp=8", "parallel.pp=4", "rollout.tensor_parallel_size=8",
       "model.recompute=full", "model.ref_offload=true"], 64),
@@ -272,13 +295,15 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU: a small model against the CPU allocator")
     p.add_argument("--presets", nargs="*", default=None,
                    help="print the plans of the presets (those whose title contains one of these words)")
+    p.add_argument("--cases", nargs="*", default=(),
+                   help="only the cases whose name contains one of these (e.g. 'gpu check': the GPU check's)")
     p.add_argument("--write-docs", action="store_true")
     args = p.parse_args()
     if args.presets is not None:
         preset_plans(tuple(args.presets), write=args.write_docs)
         return
     smoke = args.smoke or not torch.cuda.is_available()
-    text = table(run(smoke), smoke)
+    text = table(run(smoke, tuple(args.cases)), smoke)
     print(text)
     if args.write_docs:
         write_docs(text, "### CPU cross-check" if smoke else "### GPU check")
