@@ -43,7 +43,7 @@ from megaapo.models.logprob import token_logprobs
 from megaapo.models.qwen2_5_vl.config import load_hf_config
 from megaapo.models.qwen2_5_vl.model import Qwen25VLModel
 from megaapo.models.qwen2_5_vl.rope import mrope_positions
-from megaapo.models.qwen2_5_vl.weights import HFReader, gather_tp, load_into, to_hf, tp_split_of
+from megaapo.models.qwen2_5_vl.weights import HFReader, full_shape, gather_tp, load_into, to_hf, tp_split_of
 from megaapo.optim import LRSchedule, NonFiniteError, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -362,47 +362,52 @@ class Learner:
             self.optim.reload_from_model()
 
     # ------------------------------------------------------------------ weights out
+    def weight_keys(self) -> list[str]:
+        """This pipeline stage's parameters that leave it (HF export, the weight transfer to rollout engines), in
+        HF layer order: the vision tower first (HF's own module order), then the language model's."""
+        tied_copy = self.shape.tie_embeddings and self.groups.pp_size > 1   # the first stage sends the embedding
+        keys = [k for k in self.model.state_dict() if not k.endswith("_extra_state")
+                and not (tied_copy and k == "lm.output_layer.weight")]
+        return sorted(keys, key=lambda k: not k.startswith("vision."))   # stable: each part keeps its order
+
+    def full_weight(self, key: str) -> torch.Tensor:
+        """Parameter `key` gathered over TP (a collective: every TP rank of this stage calls it, in the same order)."""
+        g = self.groups
+        try:
+            t = self.model.get_parameter(key).detach()
+        except AttributeError:   # a persistent buffer
+            t = self.model.get_buffer(key).detach()
+        if g.tp_size > 1 and tp_split_of(key) is not None:
+            parts = [torch.empty_like(t) for _ in range(g.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=g.tp)
+            t = gather_tp(key, parts)
+        return t
+
+    def to_hf(self, key: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The HF (name, tensor) pairs of one gathered parameter (views of it)."""
+        return to_hf(key, full, self.shape, self.model.layer_offset)
+
+    def hf_layout(self) -> list[tuple[str, list[tuple[str, torch.dtype, tuple]]]]:
+        """For each of `weight_keys()`, the HF tensors it becomes: (name, dtype, full shape), without gathering."""
+        state, tp = self.model.state_dict(), self.groups.tp_size
+        out = []
+        for key in self.weight_keys():
+            t = state[key]
+            full = torch.empty(full_shape(key, tuple(t.shape), tp), dtype=t.dtype, device="meta")
+            out.append((key, [(n, h.dtype, tuple(h.shape)) for n, h in self.to_hf(key, full)]))
+        return out
+
     def hf_weights(self, dtype: torch.dtype | None = None):
         """Yield this pipeline stage's parameters as full HF (name, tensor) pairs, gathered over TP.
 
         Every TP rank must iterate (the gathers are collective); tensors are yielded on TP rank 0 only.
-        Used by the weight broadcast to rollout engines and by HF export."""
-        g = self.groups
-        for key, param in self.model.state_dict().items():
-            if key.endswith("_extra_state"):
-                continue
-            if self.shape.tie_embeddings and key == "lm.output_layer.weight" and g.pp_size > 1:
-                continue   # the first stage sends the tied embedding
-            t = param.detach()
-            if g.tp_size > 1 and tp_split_of(key) is not None:
-                parts = [torch.empty_like(t) for _ in range(g.tp_size)]
-                dist.all_gather(parts, t.contiguous(), group=g.tp)
-                t = gather_tp(key, parts)
-            if g.tp_rank == 0:
-                for name, full in to_hf(key, t, self.shape, self.model.layer_offset):
+        Used by HF export and `megaapo check parity`; rollout engines get the weights through
+        `megaapo.rollout.source.LearnerSource`, which routes the stages' tensors to one sender."""
+        for key in self.weight_keys():
+            t = self.full_weight(key)
+            if self.groups.tp_rank == 0:
+                for name, full in self.to_hf(key, t):
                     yield name, (full.to(dtype) if dtype is not None else full)
-
-    def gathered_hf_weights(self, dtype: torch.dtype | None = None):
-        """Every stage's HF tensors, yielded on global rank 0 (collective on all ranks; other ranks yield nothing).
-        With PP > 1 each later stage's first TP rank sends its tensors to rank 0 (the CPU / small-model path; on a
-        cluster each stage would broadcast to the engines itself)."""
-        g = self.groups
-        if g.pp_size == 1:
-            for item in self.hf_weights(dtype):
-                if dist.get_rank() == 0:
-                    yield item
-            return
-        mine = list(self.hf_weights(dtype))
-        if g.tp_rank != 0 or g.dp_rank != 0:
-            return
-        if g.pp_rank == 0:
-            yield from mine
-            for stage in range(1, g.pp_size):
-                box = [None]
-                dist.recv_object_list(box, src=dist.get_global_rank(g.pp, stage), group=g.pp)
-                yield from box[0]
-        else:
-            dist.send_object_list([mine], dst=dist.get_global_rank(g.pp, 0), group=g.pp)
 
     def export_hf(self, out_dir, dtype: torch.dtype | None = None) -> Path:
         """Write the current policy as an HF directory that transformers and vLLM load (collective on all ranks):

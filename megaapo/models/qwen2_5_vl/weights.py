@@ -180,6 +180,14 @@ def gather_tp(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, 0)   # rows and qkv: rank shards are contiguous ranges of the full layout
 
 
+def full_shape(key: str, shard_shape: tuple, tp: int) -> tuple:
+    """The full (TP-gathered) shape of an mcore tensor from one rank's shard shape."""
+    split, shape = tp_split_of(key), list(shard_shape)
+    if split is not None and tp > 1:
+        shape[1 if split == "cols" else 0] *= tp
+    return tuple(shape)
+
+
 def to_hf(key: str, full: torch.Tensor, shape: LMShape, layer_offset: int) -> list[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs of one full (TP-gathered) mcore tensor."""
     names, split = hf_target(key, layer_offset, shape)
