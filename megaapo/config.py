@@ -114,7 +114,9 @@ class RolloutConfig:
     request_timeout_s: float = _opt(600.0, gt=0.0)
     start_timeout_s: float = _opt(600.0, gt=0.0)
     sync_bucket_mb: int = _opt(512, ge=1)
-    sync_checksum: bool = False
+    sync_checksum: bool = _opt(False, help="engines checksum every tensor they load; a mismatch stops the run")
+    sync_backend: str = _opt("auto", choices=["auto", "gloo", "nccl", "ipc"],
+                             help="vLLM weight-transfer backend; auto: ipc when colocated, else nccl on CUDA, gloo")
     tis_cap: float = _opt(0.0, ge=0.0, help="truncated importance sampling cap; 0 disables the correction")
     max_model_len: int = _opt(0, ge=0, help="engine context length (prompt + response); 0: the model's own")
     max_images_per_prompt: int = _opt(1, ge=0)
@@ -470,6 +472,11 @@ def _validate_cross(cfg: MegaapoConfig) -> None:
             gpu_bytes(cfg.trainer.gpu)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    backend, colocated = cfg.rollout.sync_backend, cfg.rollout.mode == "colocated"
+    if backend != "auto" and (backend == "ipc") != colocated:
+        raise ConfigError(f"rollout.sync_backend={backend} does not fit rollout.mode={cfg.rollout.mode}: a colocated "
+                          "engine shares the trainer's GPU and takes its weights by CUDA IPC (ipc); engines of their "
+                          "own take them over a process group (nccl on GPUs, gloo on CPU); or leave it at auto")
     t = cfg.model.tiny
     if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads or (t.hidden_size // t.num_heads) % 8:
         raise ConfigError(f"model.tiny: hidden_size={t.hidden_size} must split into num_heads={t.num_heads} heads of "

@@ -126,9 +126,12 @@ class Run:
                 # KL is measured against the policy RL starts from, not the random initialisation.
                 self.reference.copy_weights_from(self.policy)
         self._engines_ready()
+        from megaapo.rollout.transfer import WeightSync
+
+        # Every rank: the policy's weights as vLLM's WeightSource, sent over the engines' transfer backend.
+        self.weight_sync = WeightSync(self.policy, self.engines, cfg.rollout)
         if job_is_rl and (resumed or cfg.trainer.sft_warmup_steps):
-            from megaapo.train import sync_weights
-            sync_weights(self.policy, self.engines, self.policy.version)
+            self.weight_sync.send(self.policy.version)
         # SFT always measures where it starts, so its outcome line can say what the fine-tuning changed.
         if not resumed and (cfg.trainer.eval_every or not job_is_rl):
             self.log(0, self.evaluate(0))
@@ -280,14 +283,13 @@ class Run:
             return row
         if self.job == "sft":
             from megaapo.sft import build_samples, heldout_loss
-            from megaapo.train import sync_weights
 
             if self._heldout is None:
                 self._heldout = build_samples(self.eval, self.builder, self.tokenizer, self.pixels, self.policy,
                                               target=self.cfg.sft.target)
             row |= heldout_loss(self.policy, self._heldout)
             if self.generates:   # the engine must generate with the weights just trained
-                sync_weights(self.policy, self.engines, self.policy.version)
+                self.weight_sync.send(self.policy.version)
         if not self.rank0 or self.engines is None:
             return row
         res = evaluate(self.engines, self.eval, self.builder, self.scorer, self.cfg.reward,

@@ -99,16 +99,6 @@ def share(obj, groups):
     return box[0]
 
 
-def sync_weights(policy, engines, version: int) -> dict:
-    """Broadcast the policy to the engines (every trainer rank takes part in gathering its shards)."""
-    named = policy.gathered_hf_weights()
-    if engines is None:
-        for _ in named:
-            pass
-        return {}
-    return engines.update_weights(named, version)
-
-
 def main(cfg) -> int:
     from megaapo.run import Run
 
@@ -145,7 +135,7 @@ def main(cfg) -> int:
                            for idx in minibatches(exp, cfg.algo.updates_per_batch)]
             state.step, state.weight_version = step + 1, policy.version
             with m.timer("weight_sync"):   # colocated: wakes only the engine's weights to load them
-                sync = sync_weights(policy, engines, policy.version)
+                sync = run.weight_sync.send(policy.version)
             row = summarize(exp) | update_metrics(updates) | run.throughput(exp.samples) | \
                 {"reward/timeouts": rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)}
             if run.end_step(state.step, row):   # evaluate, log, checkpoint; True: a stop signal, saved: exit

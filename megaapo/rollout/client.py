@@ -3,11 +3,17 @@
 Called by the RL loop (`megaapo.train`) and eval as
     with RolloutClient(cfg.rollout, model_path, cfg.model.dtype) as engines:
         rollouts = engines.generate(prompts, SamplingSpec.from_config(cfg.rollout))
-        engines.update_weights(learner.hf_weights(), version=step)
+        engines.send_weights(source, version=step)       # through megaapo.rollout.transfer.WeightSync
 Fan-out is explicit: every call sends one request per engine, then `_wait` collects the replies, watching each
 engine's process and a deadline, so a dead or silent engine becomes one `EngineError` naming it and what it was
 doing. After any such error the client refuses further calls (engines may hold half a request) and the caller
-shuts down. Engines started here live in their own process group and die with the trainer (atexit, context
+shuts down.
+
+Weights: this client is the client side of vLLM's weight-transfer protocol over our RPC (vLLM's
+`VLLMWeightSyncClient`: `init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
+`finish_weight_update`, each fanned out to every engine), and `send_weights` runs vLLM's trainer engine through it
+(`megaapo.rollout.transfer.push`) in a watched thread: the trainer's half of a transfer (a broadcast) cannot see an
+engine die, the RPC replies can. Engines started here live in their own process group and die with the trainer (atexit, context
 manager, and the engine's own parent watch for a trainer that was SIGKILLed).
 """
 
@@ -18,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +32,12 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
 
-from megaapo.rollout.buckets import TensorSpec
-from megaapo.rollout.group import SyncGroup, free_listen_socket, route_address
 from megaapo.rollout.placement import Placement, plan_here
-from megaapo.rollout.sync import WeightSender, cast_for_engine
 from megaapo.rollout.types import (ERROR_MARKER, EngineError, EngineSpec, Rollout, SamplingSpec, apply_engine_env,
                                    encode_prompts, to_rollouts)
 
@@ -134,7 +138,7 @@ def _last_exception(lines: list[str]) -> str:
 
 
 class _Background(threading.Thread):
-    """Runs a blocking transfer (group join, broadcast) while the caller keeps watching the engines."""
+    """Runs a blocking transfer (rendezvous, broadcast) while the caller keeps watching the engines."""
 
     def __init__(self, fn, *args):
         super().__init__(daemon=True, name="megaapo-sync")
@@ -146,6 +150,25 @@ class _Background(threading.Thread):
             self.result = self.fn(*self.args)
         except BaseException as e:   # noqa: BLE001 - re-raised in the caller's thread
             self.error = e
+
+
+def free_listen_socket(host: str) -> socket.socket:
+    """A bound, listening TCP socket on an OS-chosen port: the store is created on it directly, so no other process
+    can take the port between choosing and binding it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host if host not in ("", "localhost") else "127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def route_address(peer_host: str) -> str:
+    """The local address the OS would use to reach `peer_host` (a UDP connect sends no packet)."""
+    if peer_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer_host, 9))
+        return s.getsockname()[0]
 
 
 class RolloutClient:
@@ -166,10 +189,12 @@ class RolloutClient:
                               "megaapo.rollout.colocated.ColocatedEngine, not RolloutClient")
         self.cfg = cfg
         self.engines: list[EngineHandle] = []
-        self.version = 0
+        self.versions: list[int] = []   # the weight version each engine reported last
         self._failed: Optional[str] = None
-        self._group: Optional[SyncGroup] = None
-        self._sender: Optional[WeightSender] = None
+        self._transfer = None            # vLLM's trainer engine (rank 0's side of the weight transfer)
+        self.pending_version = 0         # what the next finish_weight_update tells the engines to serve
+        self.finished: list = []         # the engines' finish_weight_update replies: [(name, reply)]
+        self._start_pending = False
         self._starting = False
         self.placement: Optional[Placement] = None
         _LIVE.add(self)
@@ -209,9 +234,18 @@ class RolloutClient:
             raise
         for h, info in zip(self.engines, infos):
             h.info = info
-        self.version = infos[0]["version"]
+        self.versions = [info["version"] for info in infos]
+        backends = {info["weight_transfer"] for info in infos}
+        if len(backends) > 1:
+            raise EngineError(f"the engines use different weight-transfer backends {sorted(backends)}: start them "
+                              "with the same rollout.sync_backend")
         self._starting = False
         return self
+
+    @property
+    def version(self) -> int:
+        """The weight version the engines serve (one version: a call that saw several raised instead)."""
+        return self.versions[0]
 
     # ------------------------------------------------------------------------------------------------- start
     def _spawn(self, spec: EngineSpec, log_dir: Path) -> None:
@@ -262,8 +296,8 @@ class RolloutClient:
             self.ready()
 
     def _wait(self, handles: Sequence[EngineHandle], what: str, timeout: float, *,
-              background: Optional[_Background] = None, timeout_name: str = "rollout.request_timeout_s") -> list:
-        """Collect one reply from each handle (and let `background` finish), or raise the first failure."""
+              timeout_name: str = "rollout.request_timeout_s") -> list:
+        """Collect one reply from each handle, or raise the first failure (and mark the client unusable)."""
         import zmq
 
         poller = zmq.Poller()
@@ -272,7 +306,9 @@ class RolloutClient:
         results: dict[int, object] = {}
         deadline = time.monotonic() + timeout
         try:
-            while len(results) < len(handles) or (background is not None and background.is_alive()):
+            while len(results) < len(handles):
+                if self._failed:   # another thread's call failed (a transfer's RPC runs beside its broadcast)
+                    raise EngineError(self._failed)
                 ready = dict(poller.poll(50))
                 for h in handles:
                     if h.index in results:
@@ -284,15 +320,12 @@ class RolloutClient:
                         results[h.index] = reply["result"]
                     elif not h.alive():
                         raise h.death(what)
-                if background is not None and background.error is not None:
-                    raise EngineError(f"sending weights failed while {what}: {background.error}") \
-                        from background.error
                 if time.monotonic() > deadline:
-                    late = [h.name for h in handles if h.index not in results] or ["the weight sender"]
+                    late = [h.name for h in handles if h.index not in results]
                     raise EngineError(f"{late[0]} did not answer within {timeout:g} s while {what} "
                                       f"({timeout_name})")
         except BaseException as e:
-            self._failed = str(e)
+            self._failed = self._failed or str(e)
             raise
         return [results[h.index] for h in handles]
 
@@ -313,6 +346,8 @@ class RolloutClient:
             s = dict(base, seed=None if sampling.seed is None else sampling.seed + lo * sampling.n)
             h.send("generate", prompts=wire[lo:hi], sampling=s)
         replies = self._wait([h for h, _, _ in parts], "generating", self.cfg.request_timeout_s)
+        for (h, _, _), r in zip(parts, replies):
+            self.versions[h.index] = r["version"]
         versions = {r["version"] for r in replies}
         if len(versions) > 1:
             self._failed = f"engines served weight versions {sorted(versions)} in one batch"
@@ -337,72 +372,116 @@ class RolloutClient:
     # ------------------------------------------------------------------------------------------------ weights
     @property
     def engine_dtype(self) -> torch.dtype:
+        self._check_usable()
         return getattr(torch, self.engines[0].info["dtype"])
 
-    def _ensure_group(self) -> None:
-        if self._group is not None:
-            return
+    @property
+    def transfer_backend(self) -> str:
+        """The engines' vLLM weight-transfer backend (gloo, nccl)."""
+        self._check_usable()
+        return self.engines[0].info["weight_transfer"]
+
+    def send_weights(self, source, version: int) -> dict:
+        """Send `source` (a vLLM `WeightSource`: HF names, full tensors) to every engine; they serve `version` when
+        this returns. The first call joins the engines to the transfer (vLLM's `trainer_init`)."""
+        from megaapo.rollout.transfer import push, trainer_engine
+
+        self._check_usable()
+        if self._transfer is None:
+            info = self._trainer_init_info()
+            self._transfer = self._watched(lambda: trainer_engine(info, self, source), "joining the weight transfer")
+        return self._watched(lambda: push(self, self._transfer, source, version, self.cfg.sync_checksum),
+                             f"loading weights version {version}")
+
+    def _trainer_init_info(self):
+        from megaapo.rollout.transfer import init_info
+
         if self.placement is not None and self.placement.shared:
             raise EngineError(f"rollout engines share a GPU with the trainer ({self.placement.describe()}), and NCCL "
-                              "refuses two ranks of the weight-sync group on one GPU: give them GPUs of their own "
-                              "(fewer trainer processes, rollout.engine_gpus) or use rollout.mode=colocated")
+                              "refuses two ranks of the weight-transfer group on one GPU: give them GPUs of their "
+                              "own (fewer trainer processes, rollout.engine_gpus) or use rollout.mode=colocated")
         local = all(h.proc is not None for h in self.engines)
         host = self.cfg.sync_host or ("127.0.0.1" if local else route_address(urlparse(self.engines[0].address)
                                                                                .hostname))
-        listen = free_listen_socket(host)
-        port = listen.getsockname()[1]
-        world = 1 + sum(h.info["tp"] for h in self.engines)
-        offset = 1
-        for h in self.engines:
-            h.send("init_sync", host=host, port=port, rank_offset=offset, world_size=world,
-                   timeout_s=self.cfg.request_timeout_s)
-            offset += h.info["tp"]
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        join = _Background(SyncGroup, host, port, 0, world, device, self.cfg.request_timeout_s, listen)
-        self._wait(self.engines, "joining the weight-sync group", self.cfg.request_timeout_s, background=join)
-        self._group = join.result
-        self._sender = WeightSender(self._group, self.cfg.sync_bucket_mb << 20)
+        backend = self.transfer_backend
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise EngineError("the engines take weights over NCCL (rollout.sync_backend resolved to nccl on their "
+                              "machine) but this trainer has no CUDA device: set rollout.sync_backend=gloo for both")
+        listen = free_listen_socket(host) if backend == "gloo" else None
+        if listen is not None:
+            port = listen.getsockname()[1]
+        else:   # vLLM's NCCL rendezvous binds the port itself
+            with free_listen_socket(host) as s:
+                port = s.getsockname()[1]
+        return init_info(backend, host=host, port=port, world_size=1 + sum(h.info["tp"] for h in self.engines),
+                         bucket_bytes=self.cfg.sync_bucket_mb << 20, listen_socket=listen,
+                         # gloo's own timeout outlasts the RPC deadline, which names the engine that went silent
+                         timeout_s=self.cfg.request_timeout_s + 30.0)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                       specs: Optional[Sequence[TensorSpec]] = None) -> dict:
-        """Broadcast HF-layout weights to every engine; they serve `version` when this returns.
-
-        `specs` (names, shapes, dtypes in iteration order) let the plan be made before the tensors exist, so a
-        learner can gather them lazily; without it the tensors are listed first. Floating tensors are sent in the
-        engine's dtype. With rollout.sync_checksum, every engine's received bytes are checked bucket by bucket."""
-        self._check_usable()
-        dtype = self.engine_dtype
-        named = cast_for_engine(named_tensors, dtype)
-        if specs is None:
-            named = list(named)
-            specs = [TensorSpec.of(n, t) for n, t in named]
-        else:
-            wire_dtype = str(dtype).removeprefix("torch.")
-            specs = [TensorSpec(s.name, tuple(s.shape), wire_dtype if getattr(torch, s.dtype).is_floating_point
-                                else s.dtype) for s in specs]
-        self._ensure_group()
-        buckets = self._sender.plan(specs)
-        wire = [b.to_wire() for b in buckets]
-        for h in self.engines:
-            h.send("update_weights", buckets=wire, version=version, checksums=self.cfg.sync_checksum)
-        t0 = time.perf_counter()
-        send = _Background(self._sender.send, buckets, named, self.cfg.sync_checksum)
-        replies = self._wait(self.engines, f"loading weights version {version}", self.cfg.request_timeout_s,
-                             background=send)
-        for h, r in zip(self.engines, replies):
-            if r["version"] != version:
-                self._failed = f"{h.name} serves version {r['version']} after an update to {version}"
+    def _watched(self, fn, what: str):
+        """Run fn in a thread and wait for it, raising at once if an engine call inside it failed (its RPC waits
+        record that) or if it outlives the request deadline: a broadcast blocked on a dead peer never returns."""
+        work = _Background(fn)
+        deadline = time.monotonic() + self.cfg.request_timeout_s + 60.0
+        while work.is_alive():
+            work.join(0.05)
+            if self._failed and work.is_alive():
                 raise EngineError(self._failed)
-            if self.cfg.sync_checksum:
-                for worker, sums in enumerate(r["checksums"]):
-                    bad = [i for i, (a, b) in enumerate(zip(sums, send.result["checksums"])) if a != b]
-                    if bad or len(sums) != len(buckets):
-                        self._failed = (f"{h.name} (worker {worker}) received different bytes than the learner sent "
-                                        f"(buckets {bad[:5]} of {len(buckets)})")
-                        raise EngineError(self._failed)
-        self.version = version
-        return {"version": version, "buckets": len(buckets), "bytes": send.result["bytes"],
-                "seconds": time.perf_counter() - t0, "engine_load_seconds": max(r["seconds"] for r in replies)}
+            if time.monotonic() > deadline:
+                self._failed = (f"the weight transfer did not finish within {self.cfg.request_timeout_s + 60:g} s "
+                                f"while {what} (rollout.request_timeout_s)")
+                raise EngineError(self._failed)
+        if work.error is not None:
+            if isinstance(work.error, EngineError):
+                self._failed = self._failed or str(work.error)
+                raise work.error
+            # The trainer's half failed first (gloo: "connection reset by peer" as an engine dies): give the RPC
+            # side a moment to see why, so that the error names the engine.
+            end = time.monotonic() + 5.0
+            dead = []
+            while not self._failed and not dead and time.monotonic() < end:
+                time.sleep(0.05)
+                dead = [h for h in self.engines if not h.alive()]
+            if self._failed:
+                raise EngineError(self._failed) from work.error
+            err = dead[0].death(what) if dead else EngineError(f"sending weights failed while {what}: "
+                                                               f"{type(work.error).__name__}: {work.error}")
+            self._failed = str(err)
+            raise err from work.error
+        return work.result
+
+    # The client side of vLLM's weight-transfer protocol (VLLMWeightSyncClient), one RPC per engine. vLLM's trainer
+    # engine calls these from its own threads; each waits with the request deadline and the engines' death watch.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        offset = 0
+        for h in self.engines:   # each engine's workers take the next ranks of the group
+            h.send("init_weight_transfer", init_info=dict(init_info, rank_offset=init_info["rank_offset"] + offset))
+            offset += h.info["tp"]
+        self._wait(self.engines, "joining the weight transfer", self.cfg.request_timeout_s)
+
+    def start_weight_update(self) -> None:
+        """Travels with the next update_weights request (the engines start, then receive): one round trip fewer,
+        which a loaded machine makes worth tens of milliseconds a sync."""
+        self._start_pending = True
+
+    def update_weights(self, update_info) -> None:
+        start, self._start_pending = self._start_pending, False
+        for h in self.engines:
+            h.send("update_weights", update_info=update_info, start=start, checksums=self.cfg.sync_checksum)
+        self._wait(self.engines, f"loading weights version {self.pending_version}", self.cfg.request_timeout_s)
+
+    def finish_weight_update(self, weight_version: Optional[str] = None) -> None:
+        version = int(weight_version) if weight_version is not None else self.pending_version
+        for h in self.engines:
+            h.send("finish_weight_update", version=version)
+        replies = self._wait(self.engines, f"finishing weight update {version}", self.cfg.request_timeout_s)
+        self.finished = [(h.name, r) for h, r in zip(self.engines, replies)]
+        self.versions = [r["version"] for r in replies]
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        for h in self.engines:
+            h.send("shutdown_weight_transfer")
+        self._wait(self.engines, "leaving the weight transfer", self.cfg.request_timeout_s)
 
     def sleep(self) -> None:
         """The RL loop's "learner's turn" (a colocated engine frees the GPU): engines in their own processes, on
@@ -412,9 +491,10 @@ class RolloutClient:
     def shutdown(self) -> None:
         """Stop engines this client started (idempotent). Engines given by address are left running."""
         _LIVE.discard(self)
-        if self._group is not None:
-            self._group.close()
-            self._group = None
+        if self._transfer is not None and not self._failed:
+            # After a failure its group is abandoned, not destroyed: a thread may still be inside a collective.
+            self._transfer.shutdown()
+        self._transfer = None
         for h in self.engines:
             if h.proc is not None and h.alive() and h.sock is not None and not self._failed:
                 try:   # a polite stop first: the server replies and exits at once

@@ -7,7 +7,8 @@ the RL loop (`megaapo.train`) and `megaapo.run.Run` drive its lifecycle:
     per step:  generate                                  wakes what sleeps: weights, then the KV cache
                sleep                                     weights and KV cache off the GPU: the learner's turn
                (old/reference log-probs, updates)
-               update_weights                            wakes the weights only and loads the new ones in place
+               send_weights                              wakes the weights only and loads the new ones in place,
+                                                         through vLLM's ipc weight-transfer backend
                generate ...                              wakes the KV cache last, after the load
 
 Why this order: `vllm.LLM(gpu_memory_utilization=u)` refuses to start unless u x total memory is free (vLLM 0.32,
@@ -18,6 +19,11 @@ peak of a weight update at learner + engine weights, not learner + engine weight
 `wake_up(["weights"])`, load, `wake_up(["kv_cache"])`). PyTorch's cached free blocks are handed back to the driver
 before each wake-up, or vLLM's allocator could not map its pages beside the learner's cache.
 
+The weights come through vLLM's weight-transfer protocol with its `ipc` backend (`megaapo.rollout.transfer`):
+vLLM's IPC trainer engine packs the learner's tensors into a GPU buffer and hands its CUDA IPC handle to the
+engine's worker, which maps it (no copy beyond the packing). A CUDA IPC handle cannot be opened by the process
+that made it, so this engine runs its one worker in a process of its own (vLLM's `mp` executor) on this GPU.
+
 Sleep level 1 keeps a host copy of the weights (the host memory of one model), so an engine woken without a weight
 update (an eval right after a resume) serves the weights it had. vLLM's sleep mode is CUDA-only ("Sleep mode is not
 supported on current platform" on CPU): on a machine without a GPU construction fails with a clear message.
@@ -26,11 +32,10 @@ supported on current platform" on CPU): on a machine without a GPU construction 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from megaapo.rollout.sync import cast_for_engine
 from megaapo.rollout.types import EngineError, EngineSpec, Rollout, SamplingSpec, encode_prompts, to_rollouts
 
 
@@ -60,6 +65,8 @@ class ColocatedEngine:
         self.cfg, self.sleep_level = cfg, sleep_level
         self.engine = build_engine(spec)
         self.asleep: set[str] = set()   # the vLLM memory tags now off the GPU: "weights", "kv_cache"
+        self._transfer = None            # vLLM's IPC trainer engine (made at the first send_weights)
+        self.pending_version, self.finished = 0, []
 
     @property
     def version(self) -> int:
@@ -95,13 +102,51 @@ class ColocatedEngine:
         self._awake()
         return self.engine.score(encode_prompts(prompts), [list(c) for c in continuations])["logprobs"]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, specs=None) -> dict:
-        """Load in place (no process group; the tensors are passed by reference). The KV cache stays asleep
-        until the next generate, so the update's peak is learner + engine weights."""
+    @property
+    def engine_dtype(self) -> torch.dtype:
+        return getattr(torch, self.engine.health()["dtype"])
+
+    @property
+    def transfer_backend(self) -> str:
+        return self.engine.spec.weight_transfer
+
+    def send_weights(self, source, version: int) -> dict:
+        """Load `source` (a vLLM WeightSource) in place through vLLM's ipc backend; serves `version` after. The KV
+        cache stays asleep until the next generate, so the update's peak is learner + engine weights."""
+        from megaapo.rollout.transfer import push, trainer_engine
+
         self._wake("weights")
-        dtype = getattr(torch, self.engine.health()["dtype"])
-        n = self.engine.load_weights(cast_for_engine(named_tensors, dtype), version)
-        return {"version": version, "tensors": n}
+        if self._transfer is None:
+            self._transfer = trainer_engine(self._trainer_init_info(), self, source)
+        return push(self, self._transfer, source, version, self.cfg.sync_checksum)
+
+    def _trainer_init_info(self):
+        """ipc (the engine's spec says so on a GPU); gloo joins the in-process worker over a loopback group, which
+        is how the colocated lifecycle runs on a CPU (tests/test_colocated.py: no sleep mode, no CUDA IPC there)."""
+        from megaapo.rollout.transfer import init_info
+
+        bucket = self.cfg.sync_bucket_mb << 20
+        if self.transfer_backend != "gloo":
+            return init_info(self.transfer_backend, bucket_bytes=bucket)
+        from megaapo.rollout.client import free_listen_socket
+
+        listen = free_listen_socket("127.0.0.1")
+        return init_info("gloo", host="127.0.0.1", port=listen.getsockname()[1], world_size=2, bucket_bytes=bucket,
+                         timeout_s=self.cfg.request_timeout_s, listen_socket=listen)
+
+    # The client side of vLLM's weight-transfer protocol, in process (vLLM's IPC trainer engine calls these).
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update(self.cfg.sync_checksum)
+
+    def update_weights(self, update_info) -> None:
+        self.engine.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version=None) -> None:
+        version = int(weight_version) if weight_version is not None else self.pending_version
+        self.finished = [("the colocated engine", self.engine.finish_weight_update(version))]
 
     def health(self) -> list[dict]:
         return [dict(self.engine.health(), asleep=sorted(self.asleep))]

@@ -4,8 +4,15 @@ Called by the engine server (`megaapo.rollout.server`, one per engine process) a
 by the trainer (`megaapo.rollout.colocated`). Inputs and outputs are wire dicts (see `megaapo.rollout.types`),
 so the server only has to pass them through.
 
-Version discipline: a call runs to completion before the next one starts (the server is single-threaded), and a
-weight update resets the prefix cache (KV blocks computed with the old weights) and the encoder cache (ViT
+Weights arrive through vLLM's own weight-transfer protocol (`WeightTransferConfig(backend=spec.weight_transfer)`:
+"gloo" (megaapo's, CPU), "nccl" or "ipc" (vLLM's)), in its four phases, each a method here so that a caller can
+run them while generation is paused: `init_weight_transfer` (once per trainer), then per sync
+`start_weight_update` -> `update_weights` (the bytes; blocks until received) -> `finish_weight_update(version)`.
+The version is vLLM's own (`LLM.finish_weight_update(weight_version=...)`, read back with `get_weight_version`):
+the engine reports the version it serves, and every generate reply carries it.
+
+Version discipline: a call runs to completion before the next one starts (the server is single-threaded), and
+finishing an update resets the prefix cache (KV blocks computed with the old weights) and the encoder cache (ViT
 outputs of the old vision tower; without the reset the next image request dies with "Encoder cache miss") before
 the new version is reported. So every response of a generate call comes from exactly one weight version.
 """
@@ -14,11 +21,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable
 
 from megaapo.rollout.types import EngineSpec, apply_engine_env, decode_image
 
-WORKER_EXTENSION = "megaapo.rollout.worker.WeightSyncExtension"
+WORKER_EXTENSION = "megaapo.rollout.worker.WeightChecksumExtension"
 
 
 class VllmEngine:
@@ -26,7 +32,11 @@ class VllmEngine:
         apply_engine_env()
         t0 = time.perf_counter()
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
+        from megaapo.rollout import gloo
+
+        gloo.register()   # before LLM(...): its workers create their transfer engine from the factory
         self.import_seconds = time.perf_counter() - t0
 
         kwargs = dict(
@@ -36,9 +46,13 @@ class VllmEngine:
             # Sampled-token log-probs after temperature (and top-k/top-p): what the learner's logits / T give.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            weight_transfer_config=WeightTransferConfig(backend=spec.weight_transfer),
             limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
-            # TP=1 runs the worker in this process (3 s start on CPU); TP>1 needs one process per GPU.
-            distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
+            # TP=1 runs the worker in this process (3 s start on CPU); TP>1 needs one process per GPU. CUDA IPC
+            # handles cannot be opened by the process that made them, so the ipc backend (colocated: the engine
+            # lives in the trainer process) needs its worker in a process of its own, on the same GPU.
+            distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 and spec.weight_transfer != "ipc"
+            else "mp",
             enable_sleep_mode=spec.enable_sleep_mode,
         )
         if spec.max_model_len:
@@ -50,7 +64,9 @@ class VllmEngine:
         self.spec = spec
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.version = 0
+        self.llm.update_weight_version("0")   # vLLM starts at "default"; the checkpoint it loaded is version 0
+        self._watching = False
+        self._load_seconds = 0.0
         self.start_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -88,7 +104,10 @@ class VllmEngine:
                 # logprobs=0 returns one entry per step holding exactly the sampled token.
                 lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], c.token_ids)]
                 samples.append({"token_ids": list(c.token_ids), "logprobs": lps, "text": c.text,
-                                "finish_reason": c.finish_reason or "abort", "stop_reason": c.stop_reason})
+                                "finish_reason": c.finish_reason or "abort", "stop_reason": c.stop_reason,
+                                # [version, first token, end) spans: one span unless an update came mid-sequence
+                                "weight_versions": [[int(v.version), v.start, v.end]
+                                                    for v in c.weight_versions or []]})
             results.append({"prompt_token_ids": list(o.prompt_token_ids), "samples": samples})
         return {"outputs": results, "version": self.version}
 
@@ -113,36 +132,53 @@ class VllmEngine:
         return {"logprobs": scores, "version": self.version}
 
     # --------------------------------------------------------------------------------------------------- weights
-    def init_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> dict:
-        ranks = self.llm.collective_rpc("megaapo_init_sync", args=(host, port, rank_offset, world_size, timeout_s))
-        return {"ranks": ranks}
+    @property
+    def version(self) -> int:
+        """The weight version vLLM reports it serves."""
+        return int(self.llm.get_weight_version())
 
-    def receive_weights(self, buckets: list[dict], version: int, checksums: bool) -> dict:
-        per_worker = self.llm.collective_rpc("megaapo_receive", args=(buckets, checksums))
-        self._serve(version)
-        return {"version": self.version, "checksums": [w["checksums"] for w in per_worker],
-                "seconds": max(w["seconds"] for w in per_worker)}
+    def init_weight_transfer(self, init_info: dict) -> dict:
+        """Join the trainer's transfer (for nccl and gloo: a process group; blocks until the trainer joins too)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        return {"backend": self.spec.weight_transfer}
 
-    def load_weights(self, named_tensors: Iterable, version: int) -> int:
-        """In-process load (colocated mode). Only the in-process executor shares memory with the caller."""
-        if self.spec.tensor_parallel_size != 1:
-            raise NotImplementedError("in-process weight loading needs tensor_parallel_size=1 (the workers of a "
-                                      "TP engine live in other processes); use disaggregated mode")
-        n = self.llm.collective_rpc("megaapo_load", args=(named_tensors,))[0]
-        self._serve(version)
-        return n
+    def start_weight_update(self, checksums: bool = False) -> None:
+        """Begin an update (vLLM starts its layerwise reload); with `checksums` every loaded tensor is summed."""
+        if checksums:
+            self.llm.collective_rpc("megaapo_watch_loads")
+        self._watching = checksums
+        self._load_seconds = 0.0
+        self.llm.start_weight_update()
 
-    def _serve(self, version: int) -> None:
+    def update_weights(self, update_info) -> dict:
+        """Receive (one chunk of) the update; for nccl and gloo this runs while the trainer broadcasts."""
+        t0 = time.perf_counter()
+        self.llm.update_weights({"update_info": update_info})
+        self._load_seconds += time.perf_counter() - t0
+        return {"seconds": self._load_seconds}
+
+    def finish_weight_update(self, version: int) -> dict:
+        """End the update, reset what the old weights computed, and serve `version`."""
+        self.llm.finish_weight_update(weight_version=str(version))
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
-        self.version = version
+        sums = self.llm.collective_rpc("megaapo_loaded_checksums") if self._watching else None
+        self._watching = False
+        return {"version": self.version, "checksums": sums, "seconds": self._load_seconds}
 
-    def close_sync(self) -> None:
-        self.llm.collective_rpc("megaapo_close_sync")
+    def shutdown_weight_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def worker_call(self, method: str, args: list) -> list:
+        """A method of megaapo's worker extension (`megaapo_*`) on every worker: benchmarks and debugging."""
+        if not method.startswith("megaapo_"):
+            raise ValueError(f"worker_call runs megaapo's worker-extension methods (megaapo_*), not {method!r}")
+        return self.llm.collective_rpc(method, args=tuple(args))
 
     # ---------------------------------------------------------------------------------------------------- status
     def health(self) -> dict:
         return {"version": self.version, "pid": os.getpid(), "tp": self.spec.tensor_parallel_size,
+                "weight_transfer": self.spec.weight_transfer,
                 "model": self.spec.model, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
                 "start_seconds": self.start_seconds, "import_seconds": self.import_seconds}
 

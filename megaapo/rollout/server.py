@@ -6,8 +6,9 @@ and then listed in the trainer's `rollout.addresses`. The model path and dtype c
 `model` section (or --model / --dtype).
 
 Messages: {"op": name, "args": {...}} -> {"ok": true, "result": ...} | {"ok": false, "error": "..."}.
-ops: health, generate, score, init_sync, update_weights, close_sync, shutdown. One request is served at a time,
-which is what keeps weight updates between (never inside) generate calls.
+ops: health, generate, score; the four phases of vLLM's weight-transfer protocol (init_weight_transfer,
+start_weight_update, update_weights, finish_weight_update) and shutdown_weight_transfer; worker_call (a
+`megaapo_*` method of the worker extension on every worker); shutdown. One request is served at a time, which is what keeps weight updates between (never inside) generate calls.
 
 A failure to start is printed as one `MEGAAPO_ENGINE_ERROR: ...` line before exiting; the client shows it.
 """
@@ -96,6 +97,13 @@ def _bind(address: str):
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def _update(engine, a: dict):
+    """update_weights, after start_weight_update when the client sent the two together (`start`)."""
+    if a.get("start"):
+        engine.start_weight_update(a.get("checksums", False))
+    return engine.update_weights(a["update_info"])
+
+
 def serve(sock, engine) -> None:
     import msgspec
 
@@ -104,10 +112,12 @@ def serve(sock, engine) -> None:
         "health": lambda a: engine.health(),
         "generate": lambda a: engine.generate(a["prompts"], a["sampling"]),
         "score": lambda a: engine.score(a["prompts"], a["continuations"]),
-        "init_sync": lambda a: engine.init_sync(a["host"], a["port"], a["rank_offset"], a["world_size"],
-                                                a["timeout_s"]),
-        "update_weights": lambda a: engine.receive_weights(a["buckets"], a["version"], a["checksums"]),
-        "close_sync": lambda a: engine.close_sync(),
+        "init_weight_transfer": lambda a: engine.init_weight_transfer(a["init_info"]),
+        "start_weight_update": lambda a: engine.start_weight_update(a.get("checksums", False)),
+        "update_weights": lambda a: _update(engine, a),
+        "finish_weight_update": lambda a: engine.finish_weight_update(a["version"]),
+        "shutdown_weight_transfer": lambda a: engine.shutdown_weight_transfer(),
+        "worker_call": lambda a: engine.worker_call(a["method"], a.get("args", [])),
     }
     while True:
         msg = dec.decode(sock.recv())

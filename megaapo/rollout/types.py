@@ -85,8 +85,9 @@ class Rollout:
     text: str                     # detokenised response, for reward functions only
     finish_reason: str            # "stop" (EOS or stop string/token) | "length" | "abort"
     stop_reason: Any              # the stop string or token id that ended it, None for EOS/length
-    weight_version: int           # the weights that produced every token of this response
+    weight_version: int           # the weights the engine served when the call returned
     engine: int                   # which engine served it
+    weight_versions: list = field(default_factory=list)   # vLLM's [version, start, end) spans over the tokens
 
 
 @dataclass
@@ -104,6 +105,7 @@ class EngineSpec:
     max_pixels: Optional[int] = None
     seed: int = 0
     enable_sleep_mode: bool = False   # colocated mode only (GPU)
+    weight_transfer: str = "gloo"     # vLLM's WeightTransferConfig backend: gloo (CPU), nccl, ipc (colocated)
     extra: dict = field(default_factory=dict)   # more vllm.LLM keyword arguments, passed through
 
     @classmethod
@@ -111,7 +113,19 @@ class EngineSpec:
         return cls(model=str(model), dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
                    max_model_len=cfg.max_model_len, max_images_per_prompt=cfg.max_images_per_prompt,
-                   enable_sleep_mode=cfg.mode == "colocated", **kw)
+                   enable_sleep_mode=cfg.mode == "colocated", weight_transfer=transfer_backend(cfg), **kw)
+
+
+def transfer_backend(cfg) -> str:
+    """`rollout.sync_backend`, with "auto" resolved where it is read (the trainer for engines it starts, the engine
+    server for a rollout node): ipc when colocated, else nccl where CUDA is available, gloo otherwise."""
+    if cfg.sync_backend != "auto":
+        return cfg.sync_backend
+    if cfg.mode == "colocated":
+        return "ipc"
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 # --------------------------------------------------------------------------------------------- prompts on the wire
@@ -158,5 +172,6 @@ def to_rollouts(reply: dict, first_group: int, engine: int) -> list[Rollout]:
             out.append(Rollout(group=first_group + j, sample=k, prompt_token_ids=o["prompt_token_ids"],
                                token_ids=s["token_ids"], logprobs=s["logprobs"], text=s["text"],
                                finish_reason=s["finish_reason"], stop_reason=s["stop_reason"],
-                               weight_version=reply["version"], engine=engine))
+                               weight_version=reply["version"], engine=engine,
+                               weight_versions=s.get("weight_versions", [])))
     return out
