@@ -369,3 +369,39 @@ def _dist_ckpt_case(groups, hf_path, impl, role, root: Path) -> dict:
         again.close()
     out["resumed"] = _step_and_weights(policy, samples, loss_fn)
     return out
+
+
+# ------------------------------------------------------------------ weight sync (tests/test_weight_sync.py)
+def sync_worker(rank, world, port, hf_path, tp, pp, address, version, out_file):
+    """`sync_and_record` on one rank of a tp x pp (x dp: the rest of the world) learner."""
+    from megaapo.distributed import destroy, set_rank_env
+
+    set_rank_env(rank, world, port)
+    torch.set_num_threads(1)
+    sync_and_record(_learner(hf_path, tp, pp), address, version, out_file)
+    destroy()
+
+
+def sync_and_record(learner, address, version, out_file):
+    """The learner sends its weights to the engine at `address` through vLLM's weight-transfer protocol with
+    checksums; then every rank iterates the source once more, and rank 0 saves what the sender yields (names in
+    order, tensors), the metadata, its held names and the sync's stats."""
+    import torch.distributed as dist
+
+    from megaapo.config import RolloutConfig
+    from megaapo.rollout import RolloutClient
+    from megaapo.rollout.transfer import WeightSync
+
+    rank = dist.get_rank()
+    cfg = RolloutConfig(addresses=[address], sync_checksum=True, sync_bucket_mb=1, request_timeout_s=120.0)
+    engines = RolloutClient(cfg) if rank == 0 else None
+    try:
+        sync = WeightSync(learner, engines, cfg)
+        stats = sync.send(version)
+        sent = [(name, None if t is None else t.clone()) for name, t in sync.source]
+        meta = [(m.name, str(m.dtype), m.shape) for m in sync.source.metadata()]
+        if rank == 0:
+            torch.save({"stats": stats, "sent": sent, "meta": meta, "held": sync.source.held_names()}, out_file)
+    finally:
+        if engines is not None:
+            engines.shutdown()

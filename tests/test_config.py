@@ -55,6 +55,8 @@ def test_overrides_and_types():
     ("rollout.n_samples=1", "need at least 2 responses"),
     ("data.synth.tasks=[cound]", "unknown task 'cound' (did you mean 'count'?)"),
     ("kl_coef", "not of the form section.key=value"),
+    ("rollout.sync_backend=ipc", "rollout.sync_backend=ipc does not fit rollout.mode=disaggregated"),
+    ("rollout.sync_backend=mpi", "rollout.sync_backend"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(override, message):
     with pytest.raises(ConfigError) as e:

@@ -21,6 +21,7 @@ import torch
 from megaapo.config import RolloutConfig
 from megaapo.rollout import EngineError, RolloutClient, SamplingSpec
 from megaapo.rollout.buckets import TensorSpec, checksum, pack, plan_buckets, unpack
+from megaapo.rollout.source import TensorSource
 
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
           "<|vision_start|><|image_pad|><|vision_end|>How many squares are there?<|im_end|>\n<|im_start|>assistant\n")
@@ -135,8 +136,9 @@ def test_broadcast_reaches_engines_and_matches_learner(engines, learner):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     new_ref = _hf_logprobs(model, processor, PROMPT, _image(3), cont)
-    stats = engines.update_weights(model.state_dict().items(), version=engines.version + 1)
+    stats = engines.send_weights(TensorSource(model.state_dict()), version=engines.version + 1)
     assert stats["buckets"] > 1 and stats["version"] == engines.version   # 1 MB buckets, checksums verified
+    assert engines.versions == [stats["version"]] * 2
     for got in engines.score(prompts, [cont, cont]):
         assert max(abs(a - b) for a, b in zip(got, new_ref)) < 1e-3
         assert max(abs(a - b) for a, b in zip(got, old_ref)) > 1e-2
@@ -235,7 +237,8 @@ def test_silent_engine_times_out_with_clear_error():
     def fake_engine():
         msg = msgspec.msgpack.decode(sock.recv())
         assert msg["op"] == "health"
-        sock.send(msgspec.msgpack.encode({"ok": True, "result": {"version": 3, "tp": 1, "dtype": "float32"}}))
+        sock.send(msgspec.msgpack.encode({"ok": True, "result": {"version": 3, "tp": 1, "dtype": "float32",
+                                                                  "weight_transfer": "gloo"}}))
         sock.recv()   # a generate request, never answered
     threading.Thread(target=fake_engine, daemon=True).start()
     client = RolloutClient(_cfg(addresses=[f"tcp://127.0.0.1:{port}"], request_timeout_s=1.5))
@@ -258,6 +261,110 @@ def test_colocated_mode_refuses_cpu_clearly():
         pytest.skip("this machine has a GPU: colocated mode is tested on the device")
     with pytest.raises(EngineError, match="colocated needs a CUDA GPU"):
         make_rollout(_cfg(mode="colocated"), "unused", "float32")
+
+
+# ------------------------------------------------------------------------------- weight sync: faults mid-transfer
+class _Interrupting(TensorSource):
+    """Calls `hook` once, after yielding `after` tensors: something happens to the engine mid-transfer."""
+
+    def __init__(self, named, after: int, hook):
+        super().__init__(named)
+        self.after, self.hook = after, hook
+
+    def __iter__(self):
+        for i, item in enumerate(super().__iter__()):
+            if i == self.after:
+                self.hook()
+            yield item
+
+
+class _Changing(TensorSource):
+    """Changes each tensor it yielded when the next one is asked for (before the sender packs it): the bytes sent
+    are not the bytes the trainer checksummed, as when an optimizer step races a sync."""
+
+    def __iter__(self):
+        prev = None
+        for name, t in super().__iter__():
+            if prev is not None:
+                prev.add_(1.0)
+            prev = t
+            yield name, t
+
+
+def _weights(learner) -> dict:
+    return {k: v.clone() for k, v in learner[0].state_dict().items()}
+
+
+@pytest.mark.vllm
+def test_engine_killed_mid_transfer_raises_clear_error(vl_model, learner, tmp_path):
+    cfg = _cfg(request_timeout_s=60.0)
+    client = RolloutClient(cfg, vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
+    try:
+        pid = client.engines[0].proc.pid
+        source = _Interrupting(_weights(learner), after=5, hook=lambda: os.kill(pid, signal.SIGKILL))
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) died while loading weights version 1 "
+                                              r"\(killed by SIGKILL\)"):
+            client.send_weights(source, version=1)
+        assert time.monotonic() - t0 < cfg.request_timeout_s
+        with pytest.raises(EngineError, match="unusable after an earlier failure"):
+            client.health()
+    finally:
+        client.shutdown()
+    _assert_gone([pid])
+
+
+@pytest.mark.vllm
+def test_changed_bytes_and_hung_engine_mid_transfer_raise_clear_errors(vl_model, learner, tmp_path):
+    owner = RolloutClient(_cfg(request_timeout_s=15.0), vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
+    pid = owner.engines[0].proc.pid
+    try:
+        # Checksums: another trainer (a client by address) whose tensors change while being sent.
+        other = RolloutClient(_cfg(addresses=[owner.engines[0].address]))
+        try:
+            with pytest.raises(EngineError, match=r"engine 0 \(tcp://[0-9.:]+\) \(worker 0\) loaded other bytes "
+                                                  r"than the trainer sent: tensor \d+ of \d+: sent '"):
+                other.send_weights(_Changing(_weights(learner)), version=1)
+        finally:
+            other.shutdown()
+        # An engine that stops answering mid-transfer (SIGSTOP): the request deadline names it, nothing hangs.
+        source = _Interrupting(_weights(learner), after=5, hook=lambda: os.kill(pid, signal.SIGSTOP))
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) did not answer within 15 s while loading "
+                                              r"weights version 2 \(rollout.request_timeout_s\)"):
+            owner.send_weights(source, version=2)
+        assert time.monotonic() - t0 < 15.0 + 10.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        owner.shutdown()
+    _assert_gone([pid])
+
+
+def test_engine_silent_while_joining_the_transfer_times_out():
+    """An engine at an address that answers its health check, then never answers the transfer's rendezvous (a
+    stand-in served by a thread: the trainer's side of the group waits for it alone)."""
+    import msgspec
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+    def fake_engine():
+        sock.recv()
+        sock.send(msgspec.msgpack.encode({"ok": True, "result": {"version": 0, "tp": 1, "dtype": "float32",
+                                                                  "weight_transfer": "gloo"}}))
+        sock.recv()   # init_weight_transfer, never answered
+    threading.Thread(target=fake_engine, daemon=True).start()
+    client = RolloutClient(_cfg(addresses=[f"tcp://127.0.0.1:{port}"], request_timeout_s=1.5))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=rf"engine 0 \(tcp://127.0.0.1:{port}\) did not answer within 1.5 s "
+                                              r"while joining the weight transfer \(rollout.request_timeout_s\)"):
+            client.send_weights(TensorSource({"w": torch.zeros(4)}), version=1)
+        assert time.monotonic() - t0 < 6.0
+    finally:
+        client.shutdown()
+        sock.close(0)
 
 
 # ------------------------------------------------------------------------------------------------------ pure
@@ -302,3 +409,87 @@ def test_logprob_mismatch_and_tis_weight():
     assert torch.allclose(w, torch.exp(learner - rollout).clamp(max=2.0))
     assert torch.equal(tis_weight(learner, rollout, cap=0.0), torch.ones_like(w))
     assert torch.isfinite(tis_weight(torch.tensor([1e4]), torch.tensor([-1e4]), cap=5.0)).all()
+
+
+# ------------------------------------------------------------------------------- weight sync: learner layouts
+sys.path.insert(0, os.path.dirname(__file__))  # spawned workers import tests/dist_workers.py by name
+
+
+@pytest.fixture(scope="module")
+def sync_target(tmp_path_factory):
+    """One engine (model A: 2 KV heads, so that a TP=2 learner can hold it) that the learner tests send to."""
+    from megaapo.models.tiny import build_tiny
+
+    model_a = build_tiny(tmp_path_factory.mktemp("sync") / "a", hidden_size=64, num_heads=2, num_kv_heads=2,
+                         dtype="float32")
+    with RolloutClient(_cfg(), model_a, "float32", max_pixels=12544,
+                       log_dir=tmp_path_factory.mktemp("sync_logs")) as client:
+        yield client, model_a
+
+
+def _perturbed(model_a, out, seed: int):
+    """Model B: A's weights plus noise, saved as an HF checkpoint (the learner's start), and the HF model itself."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_a, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(out)
+    processor = AutoProcessor.from_pretrained(model_a)
+    processor.save_pretrained(out)
+    return model, processor
+
+
+@pytest.mark.vllm
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world,tp,pp", [(1, 1, 1), (4, 2, 2)], ids=["tp1", "tp2pp2"])
+def test_learner_layouts_send_their_weights(sync_target, tmp_path, world, tp, pp):
+    """A megatron learner (in this process at TP=1; on 4 processes at TP=2 x PP=2) sends its weights through vLLM's
+    protocol (gloo backend, checksums on): the sender yields exactly the checkpoint's tensors under HF names, vision
+    tower first, layers in order; rank 0 holds its stage's names; the engine serves the new version and its
+    log-probs equal transformers' on the learner's checkpoint (and differ from what it served before)."""
+    from megaapo.distributed import destroy, spawn
+    from megaapo.models.qwen2_5_vl.weights import HFReader
+
+    from dist_workers import _learner, sync_and_record, sync_worker
+
+    client, model_a = sync_target
+    model_b, processor = _perturbed(model_a, tmp_path / "b", seed=world * 10 + tp * 3 + pp)
+    cont = processor.tokenizer("<think>two</think><answer>2</answer>", add_special_tokens=False)["input_ids"]
+    prompts = [(PROMPT, [_image(5)])]
+    before = client.score(prompts, [cont])[0]
+    version = 100 + world
+    if world == 1:
+        try:
+            sync_and_record(_learner(tmp_path / "b", 1, 1), client.engines[0].address, version, tmp_path / "sent.pt")
+        finally:
+            destroy()
+    else:
+        spawn(sync_worker, world, str(tmp_path / "b"), tp, pp, client.engines[0].address, version,
+              str(tmp_path / "sent.pt"))
+    got = torch.load(tmp_path / "sent.pt")
+    assert got["stats"]["version"] == version and got["stats"]["tensors"] == len(got["meta"])
+    assert [h["version"] for h in client.health()] == [version]
+
+    reader = HFReader(tmp_path / "b")
+    names = [n for n, _ in got["sent"]]
+    assert names == [m[0] for m in got["meta"]] and sorted(names) == reader.keys()
+    first_lm = next(i for i, n in enumerate(names) if not n.startswith("visual."))
+    assert all(n.startswith("visual.") for n in names[:first_lm])
+    layers = [int(n.split(".")[2]) for n in names if n.startswith("model.layers.")]
+    assert layers == sorted(layers)
+    for name, t in got["sent"]:
+        assert torch.equal(t, reader.get(name)), name
+    if pp == 2:   # rank 0 holds the first stage: the vision tower, the embedding, the first half of the layers
+        assert "model.layers.0.mlp.up_proj.weight" in got["held"] and "visual.merger.mlp.0.weight" in got["held"]
+        assert "model.layers.1.mlp.up_proj.weight" not in got["held"] and "lm_head.weight" not in got["held"]
+    else:
+        assert sorted(got["held"]) == sorted(names)
+
+    after = client.score(prompts, [cont])[0]
+    ref = _hf_logprobs(model_b, processor, PROMPT, _image(5), cont)
+    assert max(abs(a - b) for a, b in zip(after, ref)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-2
