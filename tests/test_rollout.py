@@ -148,24 +148,6 @@ def test_broadcast_reaches_engines_and_matches_learner(engines, learner):
 
 
 @pytest.mark.vllm
-def test_killed_engine_raises_clear_error_within_timeout(vl_model, tmp_path):
-    cfg = _cfg(request_timeout_s=30.0)
-    client = RolloutClient(cfg, vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
-    try:
-        pid = client.engines[0].proc.pid
-        long = SamplingSpec(n=8, max_new_tokens=900, ignore_eos=True)
-        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
-        t0 = time.monotonic()
-        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) died while generating \(killed by SIGKILL\)"):
-            client.generate([(PROMPT, [_image(0)])] * 8, long)
-        assert time.monotonic() - t0 < cfg.request_timeout_s
-        with pytest.raises(EngineError, match="unusable after an earlier failure"):
-            client.health()
-    finally:
-        client.shutdown()
-    _assert_gone([pid])
-
-
 @pytest.mark.vllm
 def test_engine_leaves_no_temporary_files(vl_model, tmp_path):
     """vLLM writes a `vllm_dist_*` rendezvous file into $TMPDIR at every start and never removes it: each engine gets
@@ -296,16 +278,20 @@ def _weights(learner) -> dict:
 
 
 @pytest.mark.vllm
-def test_engine_killed_mid_transfer_raises_clear_error(vl_model, learner, tmp_path):
-    cfg = _cfg(request_timeout_s=60.0)
+@pytest.mark.parametrize("during", ["generating", "loading weights version 1"], ids=["generate", "transfer"])
+def test_killed_engine_raises_clear_error_within_timeout(vl_model, learner, tmp_path, during):
+    cfg = _cfg(request_timeout_s=30.0)
     client = RolloutClient(cfg, vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
     try:
         pid = client.engines[0].proc.pid
-        source = _Interrupting(_weights(learner), after=5, hook=lambda: os.kill(pid, signal.SIGKILL))
         t0 = time.monotonic()
-        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) died while loading weights version 1 "
-                                              r"\(killed by SIGKILL\)"):
-            client.send_weights(source, version=1)
+        with pytest.raises(EngineError, match=rf"engine 0 \(pid {pid}\) died while {during} \(killed by SIGKILL\)"):
+            if during == "generating":
+                threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+                client.generate([(PROMPT, [_image(0)])] * 8, SamplingSpec(n=8, max_new_tokens=900, ignore_eos=True))
+            else:   # mid-transfer: after the sender has yielded 5 tensors
+                kill = _Interrupting(_weights(learner), after=5, hook=lambda: os.kill(pid, signal.SIGKILL))
+                client.send_weights(kill, version=1)
         assert time.monotonic() - t0 < cfg.request_timeout_s
         with pytest.raises(EngineError, match="unusable after an earlier failure"):
             client.health()

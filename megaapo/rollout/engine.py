@@ -151,7 +151,8 @@ class VllmEngine:
         self.llm.start_weight_update()
 
     def update_weights(self, update_info) -> dict:
-        """Receive (one chunk of) the update; for nccl and gloo this runs while the trainer broadcasts."""
+        """Receive (one chunk of) the update; for nccl and gloo this runs while the trainer broadcasts. The reply's
+        and the finish's `seconds`: this update's time in the engine so far (receive, load, finish)."""
         t0 = time.perf_counter()
         self.llm.update_weights({"update_info": update_info})
         self._load_seconds += time.perf_counter() - t0
@@ -159,11 +160,13 @@ class VllmEngine:
 
     def finish_weight_update(self, version: int) -> dict:
         """End the update, reset what the old weights computed, and serve `version`."""
-        self.llm.finish_weight_update(weight_version=str(version))
+        t0 = time.perf_counter()
+        self.llm.finish_weight_update(weight_version=str(version))   # vLLM finishes its layerwise reload here
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         sums = self.llm.collective_rpc("megaapo_loaded_checksums") if self._watching else None
         self._watching = False
+        self._load_seconds += time.perf_counter() - t0
         return {"version": self.version, "checksums": sums, "seconds": self._load_seconds}
 
     def shutdown_weight_transfer(self) -> None:
