@@ -126,10 +126,10 @@ def test_weight_update_refused_when_an_engine_shares_the_trainers_gpu():
     """An eval-style placement (engine on the trainer's GPU) must not reach NCCL's "Duplicate GPU detected"."""
     from megaapo.rollout import EngineError, RolloutClient
 
-    client = RolloutClient.__new__(RolloutClient)   # only the check before the group forms: no engine needed
-    client._group, client.placement = None, Placement(("0",), (("0",),), shared=True)
+    client = RolloutClient.__new__(RolloutClient)   # only the check before the transfer forms: no engine needed
+    client.placement = Placement(("0",), (("0",),), shared=True)
     with pytest.raises(EngineError, match="share a GPU with the trainer.*rollout.mode=colocated"):
-        client._ensure_group()
+        client._trainer_init_info()
 
 
 # --------------------------------------------------------------------------------------- refused at the start

@@ -15,8 +15,8 @@ source on every trainer rank) and by tests and benchmarks (`TensorSource` over a
     of them to the sender (global rank 0) when its turn comes, point to point, and the sender yields it;
   * memory: one gathered tensor at a time on any rank (plus the transfer's two buckets on the sender).
 Every trainer rank iterates in lockstep; ranks other than the sender yield None for what they do not materialise
-(vLLM's contract), or, with `placeholders=True` (vLLM's IPC engine packs on every rank), a scratch tensor of the
-right shape.
+(vLLM's contract). (vLLM's IPC trainer engine would pack real tensors on every rank; colocated mode, its user here,
+runs one trainer process.)
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class LearnerSource(WeightSource):
     """The megatron learner's weights (see the module docstring). Collective to build: every trainer rank
     constructs it at the same point, and `dtype` is taken from global rank 0 (which knows the engines')."""
 
-    def __init__(self, learner, dtype: Optional[torch.dtype] = None, *, placeholders: bool = False):
-        self.learner, self.placeholders = learner, placeholders
+    def __init__(self, learner, dtype: Optional[torch.dtype] = None):
+        self.learner = learner
         g = learner.groups
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_sender = self.rank == 0
@@ -97,21 +97,12 @@ class LearnerSource(WeightSource):
                      for stage, rank in owners for key, metas in everyone[rank][1]]
         self._meta = [ParamMeta(n, d, s) for *_, metas in self.plan for n, d, s in metas]
         self._held = [n for _, stage, _, metas in self.plan if stage == self.stage for n, _, _ in metas]
-        self._scratch = None
 
     def metadata(self) -> list[ParamMeta]:
         return self._meta
 
     def held_names(self) -> list[str]:
         return self._held
-
-    def _absent(self, dtype: torch.dtype, shape) -> Optional[torch.Tensor]:
-        if not self.placeholders:
-            return None
-        n = torch.Size(shape).numel() * dtype.itemsize
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(max(n, 1 << 20), dtype=torch.uint8, device=self.learner.groups.device)
-        return self._scratch[:n].view(dtype).view(shape)
 
     def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         device = self.learner.groups.device
@@ -125,7 +116,7 @@ class LearnerSource(WeightSource):
                             yield name, t
                             continue
                         dist.send(t.contiguous(), dst=0)
-                        yield name, self._absent(t.dtype, t.shape)
+                        yield name, None
                     continue
             elif self.is_sender:
                 for name, d, shape in metas:
@@ -133,8 +124,8 @@ class LearnerSource(WeightSource):
                     dist.recv(buf, src=owner)
                     yield name, buf
                 continue
-            for name, d, shape in metas:
-                yield name, self._absent(d, shape)
+            for name, _, _ in metas:
+                yield name, None
 
 
 def _name(dtype: torch.dtype) -> str:

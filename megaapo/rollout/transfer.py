@@ -111,8 +111,7 @@ class WeightSync:
         self.backend = box[0][0] if box[0] else None
         self.source = None
         if self.backend is not None:
-            # IPC's trainer engine packs on every rank (its handles are all-gathered), so absent tensors need a body.
-            self.source = LearnerSource(learner, getattr(torch, box[0][1]), placeholders=self.backend == "ipc")
+            self.source = LearnerSource(learner, getattr(torch, box[0][1]))
 
     def send(self, version: int) -> dict:
         """Every trainer rank: the engines serve `version` when the sender's call returns (its stats; {} elsewhere)."""
