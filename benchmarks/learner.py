@@ -81,7 +81,7 @@ def bench_megaapo(path: Path, batch: int, seq: int, steps: int, dtype: str, opti
     from megaapo.config import ModelConfig, OptimConfig, ParallelConfig
     from megaapo.distributed import destroy, init_distributed
     from megaapo.learner import Learner
-    from megaapo.sft import nll_loss
+    from megaapo.supervised import nll_loss
 
     groups = init_distributed(1, 1)
     learner = Learner(path, groups, ModelConfig(dtype=dtype, recompute="selective"),

@@ -147,7 +147,7 @@ def learner_rows(path: Path, dtype: str, budget: int, n_samples: int, reps: int)
     from megaapo.data.packing import plan
     from megaapo.distributed import destroy, init_distributed
     from megaapo.learner import Learner
-    from megaapo.sft import nll_loss
+    from megaapo.supervised import nll_loss
 
     groups = init_distributed(1, 1)
     learner = Learner(path, groups, ModelConfig(dtype=dtype), ParallelConfig(micro_batch_tokens=budget),

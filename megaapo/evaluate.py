@@ -1,7 +1,7 @@
 """Evaluation: generate on the rollout engines, score with the training reward code, report per benchmark/category.
 
     megaapo eval [CONFIG] --checkpoint PATH [--bench NAME=FILE ...] [section.key=value ...]
-    torchrun --nproc_per_node N -m megaapo.evaluate CONFIG --checkpoint PATH ...   (a sharded training checkpoint)
+    torchrun --nproc_per_node N -m megaapo.cli eval CONFIG --checkpoint PATH ...   (a sharded training checkpoint)
 
 `evaluate` is what `megaapo train` and `megaapo sft` call every `trainer.eval_every` steps (the held-out accuracy),
 and `run_eval` is `megaapo eval`: the same function over every benchmark file, so a number printed during training
@@ -332,15 +332,3 @@ def _write_benchmark(out: Path, name: str, path: Path, res: EvalResult, report, 
     with (out / "responses.jsonl").open("w") as f:
         for row in res.rows:
             f.write(json.dumps(row) + "\n")
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`torchrun -m megaapo.evaluate CONFIG --checkpoint PATH [section.key=value ...]`"""
-    from megaapo.cli import main as megaapo_main
-
-    argv = sys.argv[1:] if argv is None else argv
-    return megaapo_main(["eval", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -59,7 +59,7 @@ class Run:
         from megaapo.experience import ImagePixels
         from megaapo.learner import Learner
         from megaapo.metrics import Metrics
-        from megaapo.train import PromptStream
+        from megaapo.data.stream import PromptStream
 
         cfg = self.cfg
         if cfg.trainer.threads:
@@ -250,7 +250,7 @@ class Run:
     # ------------------------------------------------------------------ phases
     def warmup(self) -> None:
         """Supervised format warm-up (random answers: the format, no visual content)."""
-        from megaapo.sft import build_samples, sft_step
+        from megaapo.supervised import build_samples, sft_step
 
         cfg = self.cfg
         rng = random.Random(cfg.trainer.seed)
@@ -282,7 +282,7 @@ class Run:
         if not self.eval:
             return row
         if self.job == "sft":
-            from megaapo.sft import build_samples, heldout_loss
+            from megaapo.supervised import build_samples, heldout_loss
 
             if self._heldout is None:
                 self._heldout = build_samples(self.eval, self.builder, self.tokenizer, self.pixels, self.policy,

@@ -12,47 +12,14 @@ the learner (tensor/pipeline shards). Metrics, plots and checkpoint metadata bel
 from __future__ import annotations
 
 import logging
-import random
 import sys
-
-import torch.distributed as dist
 
 from megaapo.algos.losses import LossSettings
 from megaapo.config import load_config
+from megaapo.distributed import share
 from megaapo.experience import RLLoss, build, reward_inputs, summarize, to_samples
 
 log = logging.getLogger("megaapo.train")
-
-
-class PromptStream:
-    """Prompts in a seeded order, epoch after epoch; its position is part of the checkpoint (exact resume)."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.index = 0, 0
-
-    def _order(self) -> list[int]:
-        order = list(range(self.n))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            order = self._order()
-            take = order[self.index:self.index + k - len(out)]
-            out += take
-            self.index += len(take)
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
 
 
 def minibatches(exp, k: int) -> list[list[int]]:
@@ -88,15 +55,6 @@ def update_metrics(updates) -> dict:
     out["updates"] = len(updates)
     out["skipped_updates"] = sum(u.metrics.get("skipped_updates", 0.0) for u in updates)   # NaN/inf guard
     return out
-
-
-def share(obj, groups):
-    """Rank 0's object on every trainer rank."""
-    if dist.get_world_size() == 1:
-        return obj
-    box = [obj if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def main(cfg) -> int:

@@ -55,7 +55,7 @@ def test_sft_loss_is_transformers_cross_entropy_on_assistant_tokens(learner, tin
 
     from megaapo.data import PromptBuilder, load_examples
     from megaapo.experience import ImagePixels
-    from megaapo.sft import build_samples, heldout_loss, target_text
+    from megaapo.supervised import build_samples, heldout_loss, target_text
 
     examples, _ = load_examples(synth_dir / "eval.jsonl")
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -180,7 +180,7 @@ def test_sft_torchrun_tp2_matches_single_process(tmp_path):
     from safetensors.torch import load_file
 
     ck2, ck1 = tmp_path / "tp2" / "checkpoints" / "step_000004", tmp_path / "tp1" / "checkpoints" / "step_000004"
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.evaluate",
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.cli", "eval",
            "--checkpoint", str(ck2), f"eval.output_dir={tmp_path / 'eval2'}", "eval.limit=8", "logging.wandb=disabled"]
     ev2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert ev2.returncode == 0, ev2.stderr[-3000:]
