@@ -118,6 +118,17 @@ class RolloutConfig:
     sync_backend: str = _opt("auto", choices=["auto", "gloo", "nccl", "ipc"],
                              help="vLLM weight-transfer backend; auto: ipc when colocated, else nccl on CUDA, gloo")
     tis_cap: float = _opt(0.0, ge=0.0, help="truncated importance sampling cap; 0 disables the correction")
+    max_staleness: int = _opt(0, ge=0, help="k: the engines generate up to k batches ahead of the learner, never "
+                                            "from weights more than k syncs old; 0: the synchronous loop")
+    stale_batches: str = _opt("wait", choices=["wait", "drop"],
+                              help="k>=1: wait (the producer waits for newer weights) or drop (it runs ahead; the "
+                                   "learner drops batches more than k syncs old, counted)")
+    off_policy: str = _opt("decoupled", choices=["decoupled", "tis", "none"],
+                           help="k>=1 correction: decoupled PPO (ratio against the learner's pi_old, times "
+                                "pi_old/pi_behaviour), tis (that weight truncated at rollout.tis_cap, default 2), "
+                                "none (pi_old = the engine's behaviour log-probs)")
+    partial: bool = _opt(False, help="k>=1: a weight update pauses generation in place and the sequences continue "
+                                     "on the new weights (per-token versions and behaviour log-probs)")
     max_model_len: int = _opt(0, ge=0, help="engine context length (prompt + response); 0: the model's own")
     max_images_per_prompt: int = _opt(1, ge=0)
     addresses: list = _opt([], help="running engines (tcp://host:port, one per engine; see megaapo.rollout.server); "
@@ -472,6 +483,7 @@ def _validate_cross(cfg: MegaapoConfig) -> None:
             gpu_bytes(cfg.trainer.gpu)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _validate_async(cfg.rollout)
     backend, colocated = cfg.rollout.sync_backend, cfg.rollout.mode == "colocated"
     if backend != "auto" and (backend == "ipc") != colocated:
         raise ConfigError(f"rollout.sync_backend={backend} does not fit rollout.mode={cfg.rollout.mode}: a colocated "
@@ -511,6 +523,16 @@ def _validate_colocated(cfg: MegaapoConfig) -> None:
     if r.addresses or r.engine_gpus:
         raise ConfigError("rollout.mode=colocated runs its engine in the trainer process on the trainer's GPU: "
                           "rollout.addresses and rollout.engine_gpus are for rollout.mode=disaggregated")
+
+
+def _validate_async(r) -> None:
+    if r.max_staleness and r.mode == "colocated":
+        raise ConfigError(f"rollout.max_staleness={r.max_staleness} needs engines on GPUs of their own: a colocated "
+                          "engine shares the learner's GPU and sleeps while it trains, so there is nothing to overlap; "
+                          "use rollout.mode=disaggregated or rollout.max_staleness=0")
+    if r.partial and not r.max_staleness:
+        raise ConfigError("rollout.partial=true continues sequences across weight updates, which only happen during "
+                          "generation when it runs ahead of the learner: set rollout.max_staleness >= 1")
 
 
 def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:

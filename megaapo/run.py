@@ -9,11 +9,13 @@ dist_checkpointing through megaapo.dist_checkpoint, in the background while trai
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +38,9 @@ class Run:
         self.engines = self.scorer = self.reference = self.checkpointer = None
         self._heldout = None   # SFT's held-out samples, built at the first evaluation
         self._closers: list = []
+        self.position = None            # the prompt stream's state after the last trained batch
+        self._timeline_done = 0
+        self._producer = None
 
     # ------------------------------------------------------------------ build
     def __enter__(self) -> "Run":
@@ -292,8 +297,10 @@ class Run:
                 self.weight_sync.send(self.policy.version)
         if not self.rank0 or self.engines is None:
             return row
-        res = evaluate(self.engines, self.eval, self.builder, self.scorer, self.cfg.reward,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens)
+        # k >= 1: between two of the producer's generate calls (the engines serve one request at a time)
+        with self._producer.weight_update() if self._producer is not None else contextlib.nullcontext():
+            res = evaluate(self.engines, self.eval, self.builder, self.scorer, self.cfg.reward,
+                           max_new_tokens=self.cfg.rollout.max_new_tokens)
         if self.job == "sft":   # SFT's next steps are the learner's (RL's next step generates first)
             self.engines.sleep()
         log.info("step %d: held-out accuracy %.1f%% (format %.1f%%, %d prompts, %.1fs)", step, 100 * res.accuracy,
@@ -314,6 +321,67 @@ class Run:
         peak = device_peak_flops(self.cfg.model.dtype) if torch.cuda.is_available() else None
         util = mfu(rate / max(1, dist.get_world_size()), fpt, peak)
         return {"perf/tokens": tokens, "perf/tokens_per_s": rate, **({"perf/mfu": util} if util is not None else {})}
+
+    # ------------------------------------------------------------------ the producer (rank 0)
+    def producer(self, generate, score):
+        """Rank 0's producer of rollout batches (`megaapo.producer`) over the loop's generate and score; None on the
+        other ranks (they receive each batch). A resumed run continues at the checkpoint's next batch and takes the
+        prompts it recorded in flight again."""
+        from megaapo.producer import Producer
+
+        if not self.rank0:
+            return None
+        r, extra = self.cfg.rollout, self.state.extra.get("async", {})
+        p = Producer(self.stream, lambda seq, idx: generate(self, seq, idx), lambda idx, ro: score(self, idx, ro),
+                     k=r.max_staleness, drop=r.stale_batches == "drop", first_seq=extra.get("next_batch", self.state.step),
+                     synced=self.state.step, version=self.policy.version, prompts_per_step=r.prompts_per_step,
+                     inflight=extra.get("inflight"))
+        p.dropped, p.consumed = extra.get("dropped", 0), extra.get("consumed", 0)
+        self._closers.append(p.close)   # before the engines shut down (closers run in reverse)
+        self._producer = p
+        self._timeline = (self.run_dir / "timeline.jsonl").open("a")
+        self._closers.append(self._timeline.close)
+        return p
+
+    @contextmanager
+    def between_generations(self, producer):
+        """A weight sync: the producer's engines are between two generate calls while it runs."""
+        if producer is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        with producer.weight_update():
+            t1 = time.perf_counter()
+            yield
+        producer.timeline += [("learner", "sync", t0, time.perf_counter(), self.state.step),
+                              ("engine", "load", t1, time.perf_counter(), self.state.step)]
+
+    def weights_sent(self, producer, batch, version: int) -> None:
+        """After the step's sync: the producer's staleness clock, and what a checkpoint records about the data (the
+        position after the batch just trained; at k >= 1 also the batches in flight)."""
+        self.position = batch.after
+        if producer is not None:
+            producer.synced_to(version, self.state.step)
+            if producer.k:
+                self.state.extra["async"] = producer.resume_state(batch)
+
+    def producer_metrics(self, producer, step: int, batch, dropped_before: int, waited: float) -> dict:
+        """Idle time of each side this step (k=0: the learner waits for the whole rollout), and at k >= 1 the
+        batch's staleness and the drops. Also appends the step's busy intervals to timeline.jsonl."""
+        if producer is None:
+            return {}
+        now, t0 = time.perf_counter(), self._step_start
+        producer.timeline.append(("learner", "train", t0 + waited, now, step))
+        busy = sum(max(0.0, min(b, now) - max(a, t0)) for who, _, a, b, _ in producer.timeline[-16:] if who == "engine")
+        for who, what, a, b, seq in producer.timeline[self._timeline_done:]:
+            rec = {"who": who, "what": what, "t0": a, "t1": b, "seq": seq}
+            if what == "train":   # which batch and prompts this step trained (resume audits: none lost or repeated)
+                rec |= {"step": step, "batch": batch.seq, "prompts": list(batch.idx), "synced": batch.synced}
+            self._timeline.write(json.dumps(rec) + "\n")
+        self._timeline.flush()
+        self._timeline_done = len(producer.timeline)
+        row = {"time/learner_idle": waited, "time/engine_idle": max(0.0, now - t0 - busy)}
+        return row | (producer.metrics(step, batch, dropped_before) if producer.k else {})
 
     # ------------------------------------------------------------------ logging, checkpoints, signals
     @contextmanager
@@ -367,7 +435,8 @@ class Run:
 
     def save(self, step: int) -> None:
         """Start writing `step_N` (all ranks); it becomes visible once written. The previous save is waited for."""
-        self.state.data_position = self.stream.state()
+        # The trained batches' position, not the producer's (at k >= 1 it has taken prompts ahead: in flight).
+        self.state.data_position = self.position or self.stream.state()
         # The reference is the warmed-up policy, which no file on disk holds.
         state = self._checkpoint_state(with_ref=bool(self.cfg.trainer.sft_warmup_steps))
         meta = {"train_state": self.state.to_dict(), "contents": sorted(state)} if self.rank0 else None

@@ -2,8 +2,13 @@
 
     build: distributed groups -> data, policy (+ reference) learner, rollout engines, reward pool, metrics
     (optional supervised format warm-up) -> broadcast weights -> evaluate
-    loop:  rollout G samples per prompt (a colocated engine then sleeps) -> rewards -> advantages (+ DADS/STCR)
-           -> reference log-probs -> k optimizer updates -> broadcast weights -> log -> evaluate -> checkpoint
+    producer: prompts -> rollout G samples per prompt (a colocated engine then sleeps) -> rewards
+    consumer: batch -> advantages (+ DADS/STCR) -> pi_old, reference log-probs -> optimizer updates
+              -> send weights (between two generate calls) -> log -> evaluate -> checkpoint
+
+rollout.max_staleness = 0 runs the producer in the loop's thread before each step: the synchronous loop. k >= 1
+runs it on its own thread (`megaapo.producer`), up to k batches ahead, never from weights more than k syncs old;
+pi_old is then the learner's (decoupled PPO: the engine's log-probs are the behaviour policy, weighted per token).
 
 Rank 0 drives the engines and scores rewards; the experience is then shared with every trainer rank, which all run
 the learner (tensor/pipeline shards). Metrics, plots and checkpoint metadata belong to the loss-visible rank.
@@ -38,12 +43,26 @@ def rl_loss(exp, idx, settings, old_logp, ref_logp, tis_cap: float) -> RLLoss:
 
 
 def old_logprobs(cfg, policy, exp, samples):
-    """pi_old of the PPO ratio, when the updates need one (several mini-batches, or TIS)."""
-    if cfg.algo.updates_per_batch == 1 and cfg.rollout.tis_cap <= 0:
+    """pi_old of the PPO ratio, when the updates need one (several mini-batches, TIS, or batches generated from
+    older weights: k >= 1, where decoupled PPO takes the learner's own log-probs as the proximal policy and the
+    engine's as the behaviour policy)."""
+    r = cfg.rollout
+    if r.max_staleness:
+        return exp.rollout_logp if r.off_policy == "none" else policy.logprobs(samples, r.temperature)
+    if cfg.algo.updates_per_batch == 1 and r.tis_cap <= 0:
         return None   # one on-policy update: pi_old is the current policy (detached)
     if cfg.algo.old_logprob == "rollout":
         return exp.rollout_logp
-    return policy.logprobs(samples, cfg.rollout.temperature)
+    return policy.logprobs(samples, r.temperature)
+
+
+def behaviour_cap(r) -> float:
+    """Cap of the per-token weight pi_old / pi_behaviour (0: no weight). k=0: TIS's rollout.tis_cap, as before;
+    k >= 1: decoupled PPO's weight (truncated only if rollout.tis_cap is set), truncated IS's (rollout.tis_cap,
+    default 2), or none."""
+    if not r.max_staleness:
+        return r.tis_cap
+    return {"decoupled": r.tis_cap or float("inf"), "tis": r.tis_cap or 2.0, "none": 0.0}[r.off_policy]
 
 
 def update_metrics(updates) -> dict:
@@ -57,45 +76,55 @@ def update_metrics(updates) -> dict:
     return out
 
 
+def generate(run, seq: int, idx: list) -> list:
+    """Producer, first half: prompts -> engines (G samples each; a colocated engine then sleeps)."""
+    # Colocated: wakes what sleeps (weights if no update came, then the KV cache) and generates, then frees the GPU
+    # for the learner's turn; engines on their own GPUs keep theirs.
+    rollouts = run.engines.generate([run.builder.build(run.train[i]) for i in idx], run.sampling(seq))
+    run.engines.sleep()
+    return rollouts
+
+
+def score(run, idx: list, rollouts: list):
+    """Producer, second half: responses -> rewards (the reward pool)."""
+    return run.scorer.score(reward_inputs(rollouts, [run.train[i] for i in idx], run.cfg.reward))
+
+
 def main(cfg) -> int:
     from megaapo.run import Run
 
     with Run(cfg) as run:
         if run.dry:
             return 0
-        state = run.state
-        policy, engines, stream = run.policy, run.engines, run.stream
+        state, policy = run.state, run.policy
         settings = LossSettings.from_config(cfg.algo, cfg.rollout.max_new_tokens)
+        # Rank 0's producer: in this thread at k=0 (the synchronous loop), else k batches ahead on its own thread.
+        producer = run.producer(generate, score)
         for step in run.progress(state.step, cfg.trainer.total_steps):
             m = run.metrics
-            with m.timer("rollout"):
-                idx = share(stream.take(cfg.rollout.prompts_per_step), run.groups)
-                examples = [run.train[i] for i in idx]
-                rollouts = None
-                if engines:
-                    # Colocated: wakes what sleeps (weights if no update came, then the KV cache) and generates,
-                    # then frees the GPU for the learner's turn; engines on their own GPUs keep theirs.
-                    rollouts = engines.generate([run.builder.build(e) for e in examples], run.sampling(step))
-                    engines.sleep()
-            with m.timer("reward"):
-                rewards = run.scorer.score(reward_inputs(rollouts, examples, cfg.reward)) if engines else None
-            rollouts, rewards = share((rollouts, rewards), run.groups)
-            samples = to_samples(rollouts, examples, run.pixels, policy)
-            exp = build(rollouts, examples, rewards, cfg.algo, cfg.rollout, samples)
+            with m.timer("rollout"):   # k >= 1: only the wait for a batch the producer made while we trained
+                batch, waited = producer.next(step) if producer else (None, 0.0)
+                dropped = producer.dropped if producer else 0
+            batch = share(batch, run.groups)
+            examples = [run.train[i] for i in batch.idx]
+            samples = to_samples(batch.rollouts, examples, run.pixels, policy)
+            exp = build(batch.rollouts, examples, batch.rewards, cfg.algo, cfg.rollout, samples)
             with m.timer("old_logprob"):
                 old = old_logprobs(cfg, policy, exp, samples)
             with m.timer("ref_logprob"):
                 ref = run.reference.logprobs(samples, cfg.rollout.temperature) if run.reference else None
             with m.timer("update"):
-                updates = [policy.train_step([samples[i] for i in idx],
-                                             rl_loss(exp, idx, settings, old, ref, cfg.rollout.tis_cap),
+                cap = behaviour_cap(cfg.rollout)
+                updates = [policy.train_step([samples[i] for i in idx], rl_loss(exp, idx, settings, old, ref, cap),
                                              cfg.rollout.temperature, entropy=True)
                            for idx in minibatches(exp, cfg.algo.updates_per_batch)]
             state.step, state.weight_version = step + 1, policy.version
-            with m.timer("weight_sync"):   # colocated: wakes only the engine's weights to load them
-                sync = run.weight_sync.send(policy.version)
+            with m.timer("weight_sync"), run.between_generations(producer):
+                sync = run.weight_sync.send(policy.version)   # colocated: wakes only the engine's weights
+            run.weights_sent(producer, batch, policy.version)   # the bound's clock; the checkpoint's data position
             row = summarize(exp) | update_metrics(updates) | run.throughput(exp.samples) | \
-                {"reward/timeouts": rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)}
+                {"reward/timeouts": batch.rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)} | \
+                run.producer_metrics(producer, step, batch, dropped, waited)
             if run.end_step(state.step, row):   # evaluate, log, checkpoint; True: a stop signal, saved: exit
                 return 0
         run.finish()

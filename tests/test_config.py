@@ -57,6 +57,8 @@ def test_overrides_and_types():
     ("kl_coef", "not of the form section.key=value"),
     ("rollout.sync_backend=ipc", "rollout.sync_backend=ipc does not fit rollout.mode=disaggregated"),
     ("rollout.sync_backend=mpi", "rollout.sync_backend"),
+    ("rollout.partial=true", "rollout.partial=true continues sequences across weight updates"),
+    ("rollout.stale_batches=skip", "rollout.stale_batches='skip' is not one of wait, drop"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(override, message):
     with pytest.raises(ConfigError) as e:
@@ -116,3 +118,10 @@ def test_one_megatron_core_version_for_every_supported_python():
     for py in pythons:
         chosen = [str(r.specifier) for r in pins if r.marker is None or r.marker.evaluate({"python_version": py})]
         assert chosen == [f"=={version('megatron-core')}"], (py, chosen)
+
+
+def test_colocated_async_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="max_staleness=1 needs engines on GPUs of their own: a colocated engine "
+                                          "shares the learner's GPU and sleeps while it trains"):
+        load_config("grpo", ["rollout.mode=colocated", "trainer.device=auto", "rollout.max_staleness=1"])
+    assert load_config("grpo", ["rollout.max_staleness=2"]).rollout.max_staleness == 2

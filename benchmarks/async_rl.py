@@ -1,0 +1,123 @@
+"""Asynchronous RL benchmark: the CPU demo (configs/demo.yaml) at rollout.max_staleness=0 and =1 in one invocation,
+same seed(s), same number of RL steps; prints steps/s, each side's idle share and held-out accuracy, and draws when
+the engine and the learner are busy (from the runs' timeline.jsonl).
+
+    python benchmarks/async_rl.py [--steps 20] [--warmup 200] [--seeds 0] [--eval-size 200] [--plot docs/async.png]
+                                  [--engine-core 1] [-- extra.overrides=...]
+
+Thread budgets: the learner runs 1 torch thread (trainer.threads=1) and the engine's OpenMP threads are bound to
+--engine-core (VLLM_CPU_OMP_THREADS_BIND), so on a 2-core machine each side has a core and k=1 can overlap them.
+steps/s counts RL steps only (each step's time minus its held-out eval and checkpoint); the engine starts and the
+supervised warm-up are before the first step. Idle shares: the learner's wait for a batch (k=0: all of rollout and
+reward scoring) and the engine's time with no generate or weight load, over the RL steps' wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(out: Path, k: int, seed: int, args, extra: list[str]) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_OMP_THREADS_BIND=str(args.engine_core))
+    cmd = [sys.executable, "-m", "megaapo.cli", "train", "demo", f"trainer.output_dir={out}",
+           f"trainer.total_steps={args.steps}", f"trainer.sft_warmup_steps={args.warmup}",
+           f"trainer.eval_every={args.steps}", f"trainer.eval_size={args.eval_size}", "trainer.threads=1",
+           f"trainer.seed={seed}", f"data.seed={seed}", f"rollout.max_staleness={k}", "checkpoint.every=0",
+           "checkpoint.export_hf=false", "logging.wandb=disabled", *extra]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"k={k} seed={seed} failed:\n{res.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "time/step" in r and r["step"] >= 1]
+    wall = sum(r["time/step"] - r.get("time/eval", 0.0) - r.get("time/checkpoint", 0.0) for r in steps)
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    timeline = [json.loads(x) for x in (out / "timeline.jsonl").read_text().splitlines() if x.strip()]
+    return {"k": k, "seed": seed, "steps": len(steps), "wall": wall, "steps_per_s": len(steps) / wall,
+            "learner_idle": sum(r.get("time/learner_idle", 0.0) for r in steps) / wall,
+            "engine_idle": sum(r.get("time/engine_idle", 0.0) for r in steps) / wall,
+            "acc0": evals[0] if evals else float("nan"), "acc": evals[-1] if evals else float("nan"),
+            "behind": max((r.get("async/versions_behind_max", 0) for r in steps), default=0),
+            "timeline": timeline}
+
+
+def plot(results: list[dict], path: Path, steps: int = 4) -> None:
+    """Busy intervals of the engine (generate, weight load) and the learner (train, weight sync) over a few
+    mid-run steps, k=0 above k=1, on one time scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"generate": "tab:blue", "load": "tab:purple", "train": "tab:orange", "sync": "tab:red",
+               "score": "tab:green"}
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.6 * len(results) + 0.6), sharex=True)
+    for ax, res in zip(axes if len(results) > 1 else [axes], results):
+        tl = res["timeline"]
+        trains = [r for r in tl if r["what"] == "train"]
+        first = trains[min(2, len(trains) - 1)]   # skip the first steps (caches warm up)
+        t0 = first["t0"] - 0.05
+        t1 = trains[min(2 + steps, len(trains) - 1)]["t1"]
+        lanes = {"engine": 1, "rewards": 0.5, "learner": 0}
+        for r in tl:
+            if r["what"] == "wait" or r["t1"] < t0 or r["t0"] > t1:
+                continue
+            ax.broken_barh([(r["t0"] - t0, r["t1"] - r["t0"])], (lanes[r["who"]] - 0.18, 0.36),
+                           color=colours[r["what"]])
+        ax.set_yticks([0, 0.5, 1], ["learner", "rewards", "engine"])
+        ax.set_title(f"rollout.max_staleness={res['k']}: {res['steps_per_s']:.3f} steps/s", fontsize=9, loc="left")
+    axes_list = axes if len(results) > 1 else [axes]
+    axes_list[-1].set_xlabel("seconds")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, list(colours), loc="upper right", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--seeds", default="0", help="comma-separated; each seed runs k=0 and k=1")
+    ap.add_argument("--eval-size", type=int, default=200)
+    ap.add_argument("--engine-core", default="1")
+    ap.add_argument("--plot", default="", help="write the busy/idle timeline here (PNG)")
+    ap.add_argument("extra", nargs="*", help="more config overrides for both runs")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="megaapo-async-") as tmp:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for k in (0, 1):   # the same seed at both k, k=0 first
+                results.append(run(Path(tmp) / f"k{k}_s{seed}", k, seed, args, args.extra))
+                r = results[-1]
+                print(f"k={k} seed={seed}: {r['steps_per_s']:.3f} steps/s", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    print(f"Command: `benchmarks/async_rl.py --steps {args.steps} --warmup {args.warmup} --seeds {args.seeds} "
+          f"--eval-size {args.eval_size}` ({platform.machine()} CPU, {os.cpu_count()} cores, {date.today()}; "
+          f"load average {load:.1f} at the end)\n")
+    print("| k | seed | RL steps | steps/s | vs k=0 | learner idle | engine idle | max syncs behind | "
+          "held-out accuracy (start -> end) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {r["seed"]: r["steps_per_s"] for r in results if r["k"] == 0}
+    for r in results:
+        print(f"| {r['k']} | {r['seed']} | {r['steps']} | {r['steps_per_s']:.3f} | "
+              f"{r['steps_per_s'] / base[r['seed']]:.2f}x | {100 * r['learner_idle']:.0f}% | "
+              f"{100 * r['engine_idle']:.0f}% | {r['behind']} | {100 * r['acc0']:.1f}% -> {100 * r['acc']:.1f}% |")
+    if args.plot:
+        seed0 = results[0]["seed"]
+        plot([r for r in results if r["seed"] == seed0], Path(args.plot))
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

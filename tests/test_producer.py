@@ -1,0 +1,111 @@
+"""The producer's bound, drops and resume record (`megaapo.producer`), driven the way the RL loop drives it: a consumer
+that trains (sleeps) and syncs after each step. generate/score are plain functions that record what the producer
+gave them; the engines themselves are in tests/test_async.py."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from megaapo.data.stream import PromptStream
+from megaapo.producer import Producer
+
+
+def _producer(k: int, drop: bool, *, gen_s: float = 0.0, first_seq: int = 0, synced: int = 0, inflight=None,
+              stream=None):
+    seen = []
+    served = {"version": 100 + synced}   # engine weight versions are not sync counts: 100 + sync
+
+    def generate(seq, idx):
+        seen.append((seq, list(idx)))
+        time.sleep(gen_s)
+        return [SimpleNamespace(token_ids=[1, 2, 3], weight_version=served["version"], weight_versions=[])]
+
+    stream = stream or PromptStream(40, seed=1)
+    p = Producer(stream, generate, lambda idx, ro: SimpleNamespace(timeouts=0), k=k, drop=drop, first_seq=first_seq,
+                 synced=synced, version=100 + synced, prompts_per_step=2, inflight=inflight)
+    return p, seen, served
+
+
+def _consume(p, served, steps: int, first: int = 0, train_s: float = 0.0):
+    out = []
+    for step in range(first, first + steps):
+        before = p.dropped
+        batch, _ = p.next(step)
+        out.append((step, batch, p.metrics(step, batch, before)))
+        time.sleep(train_s)
+        with p.weight_update():
+            served["version"] = 100 + step + 1
+        p.synced_to(100 + step + 1, step + 1)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_wait_mode_never_trains_a_batch_more_than_k_syncs_old(k):
+    p, seen, served = _producer(k, drop=False, gen_s=0.01)
+    try:
+        got = _consume(p, served, 8, train_s=0.03)
+    finally:
+        p.close()
+    behind = [m["async/versions_behind_max"] for _, _, m in got]
+    assert max(behind) <= k
+    assert max(behind) == k          # the producer did run ahead (a slow learner: every batch as stale as allowed)
+    assert [b.seq for _, b, _ in got] == list(range(8))
+    # per-token versions come from the engine's weight versions, mapped to syncs
+    assert all(m["async/versions_behind_mean"] == step - b.synced for step, b, m in got)
+    assert p.dropped == 0
+
+
+def test_drop_mode_drops_over_stale_batches_and_counts_them():
+    p, seen, served = _producer(1, drop=True, gen_s=0.0)
+    try:
+        got = _consume(p, served, 5, train_s=0.05)
+    finally:
+        p.close()
+    assert all(m["async/versions_behind_max"] <= 1 for _, _, m in got)
+    assert p.dropped > 0
+    assert sum(m["async/dropped"] for _, _, m in got) == p.dropped
+    assert got[-1][2]["async/dropped_share"] == pytest.approx(p.dropped / p.consumed)
+    # the prompts of trained and dropped batches together are the stream's order: nothing taken twice
+    trained = [i for _, b, _ in got for i in b.idx]
+    assert len(set(trained)) == len(trained)
+
+
+def test_k0_makes_the_batch_in_the_callers_thread():
+    p, seen, served = _producer(0, drop=False)
+    batch, waited = p.next(0)
+    assert seen == [(0, batch.idx)] and p._thread is None and waited >= 0
+
+
+def test_resume_takes_the_recorded_inflight_prompts_again():
+    stream = PromptStream(40, seed=1)
+    p, seen, served = _producer(1, drop=False)
+    try:
+        got = _consume(p, served, 3, train_s=0.02)
+        record = p.resume_state(got[-1][1])
+        position = got[-1][1].after
+    finally:
+        p.close()
+    assert record["next_batch"] == 3 and record["inflight"], record
+    # a new producer from the checkpoint's position regenerates exactly the in-flight batches, in order
+    stream.load(position)
+    q, seen2, served2 = _producer(1, drop=False, first_seq=3, synced=3, inflight=record["inflight"], stream=stream)
+    try:
+        again = _consume(q, served2, 3, first=3)
+    finally:
+        q.close()
+    assert [[b.seq, b.idx] for _, b, _ in again][:len(record["inflight"])] == record["inflight"]
+    order = PromptStream(40, seed=1).take(12)
+    assert [i for _, b, _ in got + again for i in b.idx] == order   # none lost, none repeated
+
+
+def test_resume_refuses_a_changed_data_order():
+    stream = PromptStream(40, seed=2)   # not the order the record was taken from
+    p, _, served = _producer(1, drop=False, first_seq=3, synced=3, inflight=[[3, [0, 1]]], stream=stream)
+    try:
+        with pytest.raises(RuntimeError, match="checkpoint recorded batch 3 in flight"):
+            p.next(3)
+    finally:
+        p.close()
