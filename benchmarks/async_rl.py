@@ -68,12 +68,14 @@ def plot(results: list[dict], path: Path, steps: int = 4) -> None:
         t0 = first["t0"] - 0.05
         t1 = trains[min(2 + steps, len(trains) - 1)]["t1"]
         lanes = {"engine": 1, "rewards": 0.5, "learner": 0}
-        for r in tl:
-            if r["what"] == "wait" or r["t1"] < t0 or r["t0"] > t1:
+        order = ["train", "generate", "score", "load", "sync"]   # a sync is part of the learner's step: on top
+        for r in sorted((r for r in tl if r["what"] in order), key=lambda r: order.index(r["what"])):
+            if r["t1"] < t0 or r["t0"] > t1:
                 continue
             ax.broken_barh([(r["t0"] - t0, r["t1"] - r["t0"])], (lanes[r["who"]] - 0.18, 0.36),
                            color=colours[r["what"]])
         ax.set_yticks([0, 0.5, 1], ["learner", "rewards", "engine"])
+        ax.set_xlim(0, t1 - t0)
         ax.set_title(f"rollout.max_staleness={res['k']}: {res['steps_per_s']:.3f} steps/s", fontsize=9, loc="left")
     axes_list = axes if len(results) > 1 else [axes]
     axes_list[-1].set_xlabel("seconds")

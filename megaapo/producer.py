@@ -11,7 +11,9 @@ and the learner drops a batch more than k behind, counted (`async/dropped`, `asy
 
 Generation and weight updates never overlap: one lock is held around each generate call and each weight sync (the
 engine server serves one request at a time; a sync between two generate calls is what makes every token of a batch
-come from one version). Resume: each batch carries the prompt stream's state after its prompts were taken; the
+come from one version). With partial rollouts (`rollout.partial`) the lock is held only around each request of a
+generation (submit, collect): a sync between two of them pauses the batch in place, and its tokens carry their
+versions. Resume: each batch carries the prompt stream's state after its prompts were taken; the
 checkpoint records the consumer's position and the in-flight prompts (`resume_state`), and a resumed producer takes
 the same prompts again, in the same order, under the same sampling seeds (checked against the record).
 """
@@ -41,10 +43,12 @@ class Batch:
 
 class Producer:
     def __init__(self, stream, generate, score, *, k: int, drop: bool, first_seq: int, synced: int, version: int,
-                 prompts_per_step: int, inflight: list | None = None):
-        """generate(seq, idx) -> rollouts and score(idx, rollouts) -> rewards are the loop's (megaapo.train)."""
+                 prompts_per_step: int, inflight: list | None = None, partial: bool = False):
+        """generate(seq, idx, between) -> rollouts and score(idx, rollouts) -> rewards are the loop's
+        (megaapo.train); `between` is the lock weight updates hold, given with partial rollouts (else None: the
+        whole call runs under it)."""
         self.stream, self._generate, self._score = stream, generate, score
-        self.k, self.drop, self.per_step = k, drop, prompts_per_step
+        self.k, self.drop, self.per_step, self.partial = k, drop, prompts_per_step, partial
         self.seq = first_seq                   # the next batch the producer makes
         self.synced = synced                   # syncs completed by the learner (the engines serve that one)
         self.version_sync = {version: synced}  # engine weight version -> the sync it came with
@@ -76,12 +80,17 @@ class Producer:
         batch = self._take()
         with self.cv:
             self.pending.append(batch)
-        with self.lock:
+        t0 = time.perf_counter()
+        if self.partial:   # the engines generate between our requests; a weight update may come mid-sequence
             batch.synced = self.synced
-            t0 = time.perf_counter()
-            batch.rollouts = self._generate(batch.seq, batch.idx)
-            batch.seconds = time.perf_counter() - t0
-            self.timeline.append(("engine", "generate", t0, t0 + batch.seconds, batch.seq))
+            batch.rollouts = self._generate(batch.seq, batch.idx, self.lock)
+        else:
+            with self.lock:
+                batch.synced = self.synced
+                t0 = time.perf_counter()
+                batch.rollouts = self._generate(batch.seq, batch.idx, None)
+        batch.seconds = time.perf_counter() - t0
+        self.timeline.append(("engine", "generate", t0, t0 + batch.seconds, batch.seq))
         batch.token_synced = [self._token_syncs(r, batch.synced) for r in batch.rollouts]
         t1 = time.perf_counter()
         batch.rewards = self._score(batch.idx, batch.rollouts)

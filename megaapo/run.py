@@ -332,10 +332,11 @@ class Run:
         if not self.rank0:
             return None
         r, extra = self.cfg.rollout, self.state.extra.get("async", {})
-        p = Producer(self.stream, lambda seq, idx: generate(self, seq, idx), lambda idx, ro: score(self, idx, ro),
-                     k=r.max_staleness, drop=r.stale_batches == "drop", first_seq=extra.get("next_batch", self.state.step),
-                     synced=self.state.step, version=self.policy.version, prompts_per_step=r.prompts_per_step,
-                     inflight=extra.get("inflight"))
+        p = Producer(self.stream, lambda seq, idx, between: generate(self, seq, idx, between),
+                     lambda idx, ro: score(self, idx, ro), k=r.max_staleness, drop=r.stale_batches == "drop",
+                     first_seq=extra.get("next_batch", self.state.step), synced=self.state.step,
+                     version=self.policy.version, prompts_per_step=r.prompts_per_step,
+                     inflight=extra.get("inflight"), partial=r.partial)
         p.dropped, p.consumed = extra.get("dropped", 0), extra.get("consumed", 0)
         self._closers.append(p.close)   # before the engines shut down (closers run in reverse)
         self._producer = p

@@ -20,6 +20,7 @@ import logging
 import sys
 
 from megaapo.algos.losses import LossSettings
+from megaapo.algos.mismatch import stale_token_gap
 from megaapo.config import load_config
 from megaapo.distributed import share
 from megaapo.experience import RLLoss, build, reward_inputs, summarize, to_samples
@@ -65,6 +66,16 @@ def behaviour_cap(r) -> float:
     return {"decoupled": r.tis_cap or float("inf"), "tis": r.tis_cap or 2.0, "none": 0.0}[r.off_policy]
 
 
+def off_policy_metrics(r, old, exp, batch, step: int) -> dict:
+    """k >= 1: how far the behaviour log-probs (per token, from the weights that made each token) are from the
+    learner's pi_old, for tokens of the current weights and of older ones; and the share of samples whose tokens
+    span several versions (partial rollouts)."""
+    if not r.max_staleness or old is None or old is exp.rollout_logp or not batch.token_synced:
+        return {}
+    behind = [[step - s for s in per] for per in batch.token_synced]
+    return {f"async/{k}": v for k, v in stale_token_gap(old, exp.rollout_logp, behind).items()}
+
+
 def update_metrics(updates) -> dict:
     """Loss metrics averaged over the step's updates; the rollout/learner mismatch is the first update's (the
     later ones also measure how far the policy moved)."""
@@ -76,11 +87,13 @@ def update_metrics(updates) -> dict:
     return out
 
 
-def generate(run, seq: int, idx: list) -> list:
-    """Producer, first half: prompts -> engines (G samples each; a colocated engine then sleeps)."""
+def generate(run, seq: int, idx: list, between=None) -> list:
+    """Producer, first half: prompts -> engines (G samples each; a colocated engine then sleeps). `between`: the
+    weight updates' lock, for partial rollouts (an update may pause the batch in place and continue it)."""
     # Colocated: wakes what sleeps (weights if no update came, then the KV cache) and generates, then frees the GPU
     # for the learner's turn; engines on their own GPUs keep theirs.
-    rollouts = run.engines.generate([run.builder.build(run.train[i]) for i in idx], run.sampling(seq))
+    prompts = [run.builder.build(run.train[i]) for i in idx]
+    rollouts = run.engines.generate(prompts, run.sampling(seq), between=between)
     run.engines.sleep()
     return rollouts
 
@@ -103,14 +116,15 @@ def main(cfg) -> int:
         for step in run.progress(state.step, cfg.trainer.total_steps):
             m = run.metrics
             with m.timer("rollout"):   # k >= 1: only the wait for a batch the producer made while we trained
-                batch, waited = producer.next(step) if producer else (None, 0.0)
                 dropped = producer.dropped if producer else 0
+                batch, waited = producer.next(step) if producer else (None, 0.0)
             batch = share(batch, run.groups)
             examples = [run.train[i] for i in batch.idx]
             samples = to_samples(batch.rollouts, examples, run.pixels, policy)
             exp = build(batch.rollouts, examples, batch.rewards, cfg.algo, cfg.rollout, samples)
             with m.timer("old_logprob"):
                 old = old_logprobs(cfg, policy, exp, samples)
+            stale = off_policy_metrics(cfg.rollout, old, exp, batch, step)
             with m.timer("ref_logprob"):
                 ref = run.reference.logprobs(samples, cfg.rollout.temperature) if run.reference else None
             with m.timer("update"):
@@ -124,7 +138,7 @@ def main(cfg) -> int:
             run.weights_sent(producer, batch, policy.version)   # the bound's clock; the checkpoint's data position
             row = summarize(exp) | update_metrics(updates) | run.throughput(exp.samples) | \
                 {"reward/timeouts": batch.rewards.timeouts, "sync/seconds": sync.get("seconds", 0.0)} | \
-                run.producer_metrics(producer, step, batch, dropped, waited)
+                run.producer_metrics(producer, step, batch, dropped, waited) | stale
             if run.end_step(state.step, row):   # evaluate, log, checkpoint; True: a stop signal, saved: exit
                 return 0
         run.finish()

@@ -18,7 +18,7 @@ def _producer(k: int, drop: bool, *, gen_s: float = 0.0, first_seq: int = 0, syn
     seen = []
     served = {"version": 100 + synced}   # engine weight versions are not sync counts: 100 + sync
 
-    def generate(seq, idx):
+    def generate(seq, idx, between):
         seen.append((seq, list(idx)))
         time.sleep(gen_s)
         return [SimpleNamespace(token_ids=[1, 2, 3], weight_version=served["version"], weight_versions=[])]
@@ -109,3 +109,44 @@ def test_resume_refuses_a_changed_data_order():
             p.next(3)
     finally:
         p.close()
+
+
+def test_stale_token_gap_splits_each_sequence_by_the_version_of_each_token():
+    from megaapo.algos.mismatch import stale_token_gap
+
+    old = [[-1.0, -2.0, -3.0], [-1.0, -1.0]]
+    behaviour = [[-1.0, -2.5, -2.0], [-1.5, -1.0]]
+    behind = [[1, 0, 0], [0, 0]]   # the first response: its first token from the weights one sync old, the rest
+    # from the current ones (a partial rollout continued after an update)
+    got = stale_token_gap(old, behaviour, behind)
+    assert got["logp_gap_fresh"] == pytest.approx((0.5 + 1.0 + 0.5 + 0.0) / 4)
+    assert got["logp_gap_stale"] == pytest.approx(0.0)
+    assert got["mixed_version_samples"] == 0.5
+
+
+def test_decoupled_loss_weights_each_token_by_its_own_behaviour_logprob():
+    """A partial rollout: the first two tokens came from the old weights (behaviour log-probs far from pi_old), the
+    last two from the new ones. The loss's gradient per token is -A * pi_old/pi_behaviour / tokens (ratio 1 at
+    pi = pi_old), so each token's gradient follows its own behaviour log-prob (decoupled PPO, untruncated)."""
+    import math
+
+    import torch
+
+    from megaapo.algos.losses import LossSettings
+    from megaapo.config import load_config
+    from megaapo.experience import RLLoss
+    from megaapo.train import behaviour_cap
+
+    old = torch.tensor([-1.0, -2.0, -1.5, -0.5])
+    behaviour = torch.tensor([-1.3, -1.8, -1.5, -0.5])
+    exp = SimpleNamespace(lengths=torch.tensor([4.0]), keep=torch.tensor([True]), advantages=torch.tensor([2.0]),
+                          kl_weight=torch.ones(1), rollout_logp=[behaviour])
+    r = load_config("grpo", ["rollout.max_staleness=1"]).rollout
+    loss_fn = RLLoss(exp, [0], LossSettings(), [old], None, behaviour_cap(r))
+    logp = old.clone().unsqueeze(0).requires_grad_(True)
+    loss, _ = loss_fn(logp, None, torch.ones(1, 4, dtype=torch.bool), [0])
+    loss.backward()
+    want = [-2.0 * math.exp(o - b) / 4 for o, b in zip(old.tolist(), behaviour.tolist())]
+    assert logp.grad[0].tolist() == pytest.approx(want, rel=1e-6)
+    assert behaviour_cap(load_config("grpo", ["rollout.max_staleness=1", "rollout.off_policy=tis"]).rollout) == 2.0
+    assert behaviour_cap(load_config("grpo").rollout) == 0.0   # k=0: TIS as configured (off)

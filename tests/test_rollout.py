@@ -148,7 +148,6 @@ def test_broadcast_reaches_engines_and_matches_learner(engines, learner):
 
 
 @pytest.mark.vllm
-@pytest.mark.vllm
 def test_engine_leaves_no_temporary_files(vl_model, tmp_path):
     """vLLM writes a `vllm_dist_*` rendezvous file into $TMPDIR at every start and never removes it: each engine gets
     a temporary directory of its own, removed with it. (The machine's shared /tmp is not compared before and after:
@@ -185,6 +184,43 @@ def test_death_message_says_only_what_the_engine_said(tmp_path):
     assert str(EngineHandle(0, proc=failed, log_path=log).death("generating")) == \
         (f"engine 0 (pid {failed.pid}) died while generating (exit code 1): MemoryError: cannot allocate the KV "
          f"cache; log: {log}")
+
+
+@pytest.mark.vllm
+def test_partial_rollout_pauses_in_place_and_continues_on_new_weights(engines, learner):
+    """A weight update while a batch generates (`generate(..., between=lock)`): the engines pause their sequences
+    in place, load, and continue; each sample's tokens carry the two versions, and the tokens before the update have
+    the old weights' log-probs (HF reference)."""
+    model, processor = learner
+    prompts = [(PROMPT, [_image(4)]), (PROMPT, [_image(5)])]
+    old_ref_model = {k: v.clone() for k, v in model.state_dict().items()}
+    lock, out = threading.Lock(), {}
+    version = engines.version + 1
+    sampling = SamplingSpec(n=2, temperature=1.0, max_new_tokens=160, ignore_eos=True, seed=3)
+    worker = threading.Thread(target=lambda: out.update(r=engines.generate(prompts, sampling, between=lock)))
+    worker.start()
+    time.sleep(0.5)   # mid-generation (160 tokens take seconds on the tiny model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with lock:
+        engines.send_weights(TensorSource(model.state_dict()), version=version)
+    worker.join(120)
+    rollouts = out["r"]
+    assert all(len(r.token_ids) == 160 for r in rollouts)
+    spans = [r.weight_versions for r in rollouts]
+    assert all(len(s) == 2 and s[0][0] == version - 1 and s[1][0] == version and s[0][2] == s[1][1] for s in spans), \
+        spans
+    new_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(old_ref_model)
+    try:
+        for r in rollouts[:2]:
+            ref = _hf_logprobs(model, processor, PROMPT, prompts[r.group][1][0], r.token_ids)
+            cut = r.weight_versions[0][2]
+            assert max(abs(a - b) for a, b in zip(r.logprobs[:cut], ref[:cut])) < 1e-3
+    finally:
+        model.load_state_dict(new_state)
 
 
 @pytest.mark.vllm

@@ -33,3 +33,25 @@ def tis_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -
         return torch.ones_like(old_logp)
     log_ratio = (old_logp.detach() - rollout_logp.detach()).clamp(max=torch.log(torch.tensor(cap)).item())
     return log_ratio.exp().clamp(max=cap)
+
+
+def stale_token_gap(old_logp: list, behaviour_logp: list, token_behind: list) -> dict:
+    """Asynchronous RL: mean |pi_old - pi_behaviour| over the response tokens the learner's current weights made
+    (0 syncs behind) and over those older weights made, per token (a partial rollout mixes both in one sequence).
+    Without partial rollouts the first is the engine/learner numerical gap and the second adds how far the policy
+    moved since (a continued partial rollout's fresh tokens also saw the old weights' KV cache). Lists of [len]
+    tensors/lists, one per response; a group with no tokens is left out."""
+    fresh, stale = [], []
+    for old, beh, behind in zip(old_logp, behaviour_logp, token_behind):
+        gap = (torch.as_tensor(old, dtype=torch.float64) - torch.as_tensor(beh, dtype=torch.float64)).abs()
+        b = torch.as_tensor(behind)[:gap.shape[0]]
+        fresh.append(gap[b == 0])
+        stale.append(gap[b > 0])
+    out = {}
+    for name, parts in (("fresh", fresh), ("stale", stale)):
+        cat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        if cat.numel():
+            out[f"logp_gap_{name}"] = float(cat.mean())
+    mixed = sum(len(set(torch.as_tensor(b).tolist())) > 1 for b in token_behind)
+    out["mixed_version_samples"] = mixed / max(1, len(token_behind))
+    return out

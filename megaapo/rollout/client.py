@@ -335,9 +335,16 @@ class RolloutClient:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [(h, bounds[i], bounds[i + 1]) for i, h in enumerate(self.engines) if bounds[i + 1] > bounds[i]]
 
-    def generate(self, prompts: Sequence, sampling: Optional[SamplingSpec] = None) -> list[Rollout]:
+    def generate(self, prompts: Sequence, sampling: Optional[SamplingSpec] = None, between=None) -> list[Rollout]:
         """n samples for each prompt (a `Prompt`, a (text, images) pair or plain text; images are paths, PIL images
-        or encoded bytes), spread over all engines. Returns len(prompts) * n rollouts, prompt-major."""
+        or encoded bytes), spread over all engines. Returns len(prompts) * n rollouts, prompt-major.
+
+        between: a lock that weight updates hold (partial rollouts). The engines then generate between this call's
+        requests, each made holding the lock, so an update can come mid-sequence: it pauses the batch in place and
+        the sequences continue on the new weights (each sample's `weight_versions` spans say which tokens came from
+        which version)."""
+        if between is not None:
+            return self._generate_partial(prompts, sampling, between)
         self._check_usable()
         sampling = sampling or SamplingSpec.from_config(self.cfg)
         wire, parts = encode_prompts(prompts), self._spread(len(prompts))
@@ -353,6 +360,37 @@ class RolloutClient:
             self._failed = f"engines served weight versions {sorted(versions)} in one batch"
             raise EngineError(self._failed + " (a weight update reached only some engines)")
         return [r for (h, lo, _), reply in zip(parts, replies) for r in to_rollouts(reply, lo, h.index)]
+
+    def _generate_partial(self, prompts: Sequence, sampling: Optional[SamplingSpec], between) -> list[Rollout]:
+        self._check_usable()
+        sampling = sampling or SamplingSpec.from_config(self.cfg)
+        wire, parts = encode_prompts(prompts), self._spread(len(prompts))
+        base = sampling.to_wire()
+        handles = [h for h, _, _ in parts]
+        with between:
+            for h, lo, hi in parts:
+                h.send("submit", prompts=wire[lo:hi],
+                       sampling=dict(base, seed=None if sampling.seed is None else sampling.seed + lo * sampling.n))
+            self._wait(handles, "starting a batch", self.cfg.request_timeout_s)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        replies: dict[int, dict] = {}
+        while len(replies) < len(handles):
+            time.sleep(0.02)
+            with between:
+                todo = [h for h in handles if h.index not in replies]
+                for h in todo:
+                    h.send("collect")
+                for h, r in zip(todo, self._wait(todo, "generating", self.cfg.request_timeout_s)):
+                    if r["done"]:
+                        replies[h.index] = r
+            if len(replies) < len(handles) and time.monotonic() > deadline:
+                late = next(h for h in handles if h.index not in replies)
+                self._failed = (f"{late.name} did not finish its batch within {self.cfg.request_timeout_s:g} s "
+                                "(rollout.request_timeout_s)")
+                raise EngineError(self._failed)
+        for h in handles:
+            self.versions[h.index] = replies[h.index]["version"]
+        return [r for h, lo, _ in parts for r in to_rollouts(replies[h.index], lo, h.index)]
 
     def score(self, prompts: Sequence, continuations: Sequence[Sequence[int]]) -> list[list[float]]:
         """The engines' log-probs (temperature 1) of given continuation token ids after each prompt."""

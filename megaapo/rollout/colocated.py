@@ -93,7 +93,9 @@ class ColocatedEngine:
         self._wake("kv_cache")
 
     # ------------------------------------------------------------------------------------------------- calls
-    def generate(self, prompts: Sequence, sampling: Optional[SamplingSpec] = None) -> list[Rollout]:
+    def generate(self, prompts: Sequence, sampling: Optional[SamplingSpec] = None, between=None) -> list[Rollout]:
+        if between is not None:   # config validation refuses colocated + max_staleness >= 1 (so partial rollouts)
+            raise EngineError("a colocated engine does not generate across weight updates (rollout.partial)")
         self._awake()
         sampling = sampling or SamplingSpec.from_config(self.cfg)
         return to_rollouts(self.engine.generate(encode_prompts(prompts), sampling.to_wire()), 0, 0)

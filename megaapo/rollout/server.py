@@ -8,7 +8,10 @@ and then listed in the trainer's `rollout.addresses`. The model path and dtype c
 Messages: {"op": name, "args": {...}} -> {"ok": true, "result": ...} | {"ok": false, "error": "..."}.
 ops: health, generate, score; the four phases of vLLM's weight-transfer protocol (init_weight_transfer,
 start_weight_update, update_weights, finish_weight_update) and shutdown_weight_transfer; worker_call (a
-`megaapo_*` method of the worker extension on every worker); shutdown. One request is served at a time, which is what keeps weight updates between (never inside) generate calls.
+`megaapo_*` method of the worker extension on every worker); submit and collect (partial rollouts: the engine
+steps a submitted batch between requests, so a weight update can pause it in place); shutdown. One request is
+served at a time, which is what keeps weight updates between (never inside) generate calls, and between two engine
+steps of a submitted batch.
 
 A failure to start is printed as one `MEGAAPO_ENGINE_ERROR: ...` line before exiting; the client shows it.
 """
@@ -111,6 +114,8 @@ def serve(sock, engine) -> None:
     handlers = {
         "health": lambda a: engine.health(),
         "generate": lambda a: engine.generate(a["prompts"], a["sampling"]),
+        "submit": lambda a: engine.submit(a["prompts"], a["sampling"]),
+        "collect": lambda a: engine.collect(),
         "score": lambda a: engine.score(a["prompts"], a["continuations"]),
         "init_weight_transfer": lambda a: engine.init_weight_transfer(a["init_info"]),
         "start_weight_update": lambda a: engine.start_weight_update(a.get("checksums", False)),
@@ -120,6 +125,15 @@ def serve(sock, engine) -> None:
         "worker_call": lambda a: engine.worker_call(a["method"], a.get("args", [])),
     }
     while True:
+        # Partial rollouts: between requests the engine steps its batch in flight; a request (a weight update's
+        # phases, a collect) is served between two engine steps.
+        if engine.generating() and not sock.poll(0):
+            try:
+                engine.advance()
+            except Exception as e:   # the next collect reports it
+                traceback.print_exc()
+                engine.fail(_describe(e))
+            continue
         msg = dec.decode(sock.recv())
         op = msg.get("op")
         if op == "shutdown":
