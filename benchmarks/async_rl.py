@@ -59,7 +59,7 @@ def plot(results: list[dict], path: Path, steps: int = 4) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"generate": "tab:blue", "load": "tab:purple", "train": "tab:orange", "sync": "tab:red",
-               "score": "tab:green"}
+               "score": "tab:green", "wait": "lightgrey"}
     fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.6 * len(results) + 0.6), sharex=True)
     for ax, res in zip(axes if len(results) > 1 else [axes], results):
         tl = res["timeline"]
@@ -68,7 +68,8 @@ def plot(results: list[dict], path: Path, steps: int = 4) -> None:
         t0 = first["t0"] - 0.05
         t1 = trains[min(2 + steps, len(trains) - 1)]["t1"]
         lanes = {"engine": 1, "rewards": 0.5, "learner": 0}
-        order = ["train", "generate", "score", "load", "sync"]   # a sync is part of the learner's step: on top
+        # the learner's step (train) spans its waits and its sync, drawn on top of it
+        order = ["train", "wait", "generate", "score", "load", "sync"]
         for r in sorted((r for r in tl if r["what"] in order), key=lambda r: order.index(r["what"])):
             if r["t1"] < t0 or r["t0"] > t1:
                 continue
@@ -80,7 +81,7 @@ def plot(results: list[dict], path: Path, steps: int = 4) -> None:
     axes_list = axes if len(results) > 1 else [axes]
     axes_list[-1].set_xlabel("seconds")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    fig.legend(handles, list(colours), loc="upper right", ncol=5, fontsize=8)
+    fig.legend(handles, list(colours), loc="upper right", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -40,6 +40,7 @@ class Run:
         self._closers: list = []
         self.position = None            # the prompt stream's state after the last trained batch
         self._timeline_done = 0
+        self._sync_wait = 0.0
         self._producer = None
 
     # ------------------------------------------------------------------ build
@@ -351,10 +352,12 @@ class Run:
             yield
             return
         t0 = time.perf_counter()
-        with producer.weight_update():
+        with producer.weight_update():   # waits for the engines' generate call in flight (not with partial rollouts)
             t1 = time.perf_counter()
             yield
-        producer.timeline += [("learner", "sync", t0, time.perf_counter(), self.state.step),
+        self._sync_wait = t1 - t0
+        producer.timeline += [("learner", "wait", t0, t1, self.state.step),
+                              ("learner", "sync", t1, time.perf_counter(), self.state.step),
                               ("engine", "load", t1, time.perf_counter(), self.state.step)]
 
     def weights_sent(self, producer, batch, version: int) -> None:
@@ -372,7 +375,7 @@ class Run:
         if producer is None:
             return {}
         now, t0 = time.perf_counter(), self._step_start
-        producer.timeline.append(("learner", "train", t0 + waited, now, step))
+        producer.timeline.append(("learner", "train", t0 + waited, now, step))   # (its sync drawn on top)
         busy = sum(max(0.0, min(b, now) - max(a, t0)) for who, _, a, b, _ in producer.timeline[-16:] if who == "engine")
         for who, what, a, b, seq in producer.timeline[self._timeline_done:]:
             rec = {"who": who, "what": what, "t0": a, "t1": b, "seq": seq}
@@ -381,7 +384,8 @@ class Run:
             self._timeline.write(json.dumps(rec) + "\n")
         self._timeline.flush()
         self._timeline_done = len(producer.timeline)
-        row = {"time/learner_idle": waited, "time/engine_idle": max(0.0, now - t0 - busy)}
+        idle, self._sync_wait = waited + self._sync_wait, 0.0   # its batch, and the engines before its sync
+        row = {"time/learner_idle": idle, "time/engine_idle": max(0.0, now - t0 - busy)}
         return row | (producer.metrics(step, batch, dropped_before) if producer.k else {})
 
     # ------------------------------------------------------------------ logging, checkpoints, signals
