@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from megaapo import __version__, rundir
+from megaapo.errors import report_errors
 
 log = logging.getLogger("megaapo")
 
@@ -379,39 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # `megaapo` alone runs the main job, like `megaapo train`
         args = build_parser().parse_args(["train", *(argv or [])])
     return report_errors(lambda: args.fn(args), args.verbose)
-
-
-def report_errors(fn, verbose: bool = False) -> int:
-    """fn()'s exit code; an error a user can act on becomes one `error:` line on stderr instead of a traceback
-    (`megaapo` and the torchrun entry points `megaapo.train` / `megaapo.sft`)."""
-    from megaapo.checkpoint import CheckpointError
-    from megaapo.config import ConfigError
-    from megaapo.data.schema import DataError
-    from megaapo.optim import NonFiniteError
-    from megaapo.rollout.types import EngineError
-
-    try:
-        return fn()
-    except (ConfigError, DataError, FileNotFoundError, ValueError, CheckpointError, rundir.RunDirError) as e:
-        if verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except EngineError as e:   # the engine's own message (and its log's path) says what went wrong
-        if verbose:
-            raise
-        print(f"error: rollout engine: {e}", file=sys.stderr)
-        return 1
-    except NonFiniteError as e:
-        if verbose:
-            raise
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:   # disk full, read-only filesystem, no permission: where and why, not a traceback
-        if verbose or e.errno not in rundir.WRITE_ERRNOS:
-            raise
-        print(f"error: {rundir.as_write_error(e, e.filename or '.')}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

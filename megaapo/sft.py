@@ -60,7 +60,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from megaapo.cli import report_errors
+    from megaapo.errors import report_errors
 
     return report_errors(lambda: main(load_config(argv[0], argv[1:])))
 

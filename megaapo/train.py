@@ -154,7 +154,7 @@ def cli(argv: list[str] | None = None) -> int:
     overrides = argv[1:] if argv and "=" not in argv[0] else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from megaapo.cli import report_errors
+    from megaapo.errors import report_errors
 
     return report_errors(lambda: main(load_config(preset, overrides)))
 

@@ -16,8 +16,9 @@ import pytest
 
 from test_train import PY, ROOT, SMALL, VOLATILE, _env
 
-# tests/data/async/k0_reference.jsonl was recorded with these settings by the synchronous loop before
-# `megaapo.producer` (commit 37b5d04): enough warm-up and tokens that rewards, losses and gradients are not zero.
+# tests/data/async/k0_reference.jsonl was recorded with these settings by main's synchronous loop before
+# `megaapo.producer` (b1b191d; a first recording at 37b5d04 was equal but for main's new `skipped_updates`):
+# enough warm-up and tokens that rewards, losses and gradients are not zero.
 K0 = [*SMALL, "rollout.max_new_tokens=24", "trainer.sft_warmup_steps=150", "trainer.total_steps=4",
       "trainer.eval_every=2"]
 REFERENCE = ROOT / "tests" / "data" / "async" / "k0_reference.jsonl"
