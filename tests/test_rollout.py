@@ -187,6 +187,7 @@ def test_death_message_says_only_what_the_engine_said(tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_partial_rollout_pauses_in_place_and_continues_on_new_weights(engines, learner):
     """A weight update while a batch generates (`generate(..., between=lock)`): the engines pause their sequences
     in place, load, and continue; each sample's tokens carry the two versions, and the tokens before the update have
