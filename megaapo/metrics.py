@@ -14,7 +14,10 @@ Sinks:
   `null` and the row lists those keys under `"nonfinite"` (W&B gets the float itself). Built with `start_step=k`,
   rows with step >= k are dropped first (atomically) and every other line is kept, so after a resume the file equals
   an uninterrupted run's and no earlier row is ever lost. A failed write (disk full) is a `WriteError` naming the file.
-- Console: a compact rich line every `logging.console_every` steps, printed above the progress bar.
+- Console: a compact line every `logging.console_every` steps. In a terminal it is cropped to the window's width
+  and printed above a live progress bar; in a file or pipe (CI, SLURM output, `megaapo train > log.txt`) there is
+  no bar and each line is written whole, one per step, with the ETA at its end (rich would otherwise wrap it at 80
+  columns, in the middle of a field).
 
 Key names the loop, the plot and the table agree on (anything else is logged as given): `reward/total`,
 `reward/<component>`, `train/accuracy`, `eval/accuracy`, `len/mean`, `kl`, `entropy`, `clip_frac`, `time/<phase>`
@@ -132,7 +135,8 @@ class Metrics:
                 continue
             self.wandb_mode = attempt
             if attempt == "offline":
-                self.console.print(f"W&B offline run: {Path(run.dir).parent} (upload it with `wandb sync`)")
+                self.console.print(f"W&B offline run: {Path(run.dir).parent} (upload it with `wandb sync`)",
+                                   soft_wrap=True)
             return run
         return None
 
@@ -183,9 +187,23 @@ class Metrics:
                 self._jsonl.flush()
         self._log_wandb(step, row)
         if self.console_lines and step % self.cfg.console_every == 0:
-            self.console.print(format_line(step, row, self._total))
+            self._print_line(step, row)
         self._advance_progress(step, row)
         return row
+
+    @property
+    def _live(self) -> bool:
+        """Whether the console redraws in place (a terminal or a notebook): only there is a live bar readable."""
+        return self.console.is_terminal or self.console.is_jupyter
+
+    def _print_line(self, step: int, row: dict) -> None:
+        if self._live:   # one screen line above the bar; the bar itself shows the rate and the ETA
+            self.console.print(format_line(step, row, self._total), no_wrap=True, overflow="ellipsis")
+            return
+        eta = None
+        if self._total:
+            eta = _fmt_duration(max(0, self._total - step) * sum(self._step_times) / len(self._step_times))
+        self.console.print(format_line(step, row, self._total, eta=eta), soft_wrap=True)
 
     def _log_wandb(self, step: int, row: dict) -> None:
         if self._run is None:
@@ -200,16 +218,20 @@ class Metrics:
     # ------------------------------------------------------------------------------------------------ progress
     @contextmanager
     def progress(self, total: int, start: int = 0, description: str = "RL") -> Iterator[None]:
-        """A live bar (step, reward, accuracy, s/step, ETA) advanced by `log`; console lines print above it."""
+        """A live bar (step, reward, accuracy, s/step, ETA) advanced by `log`; console lines print above it. In a
+        file or pipe there is no bar (it cannot redraw there): the per-step lines carry the progress."""
         if not self.enabled:
+            yield
+            return
+        self._total = total
+        self._last_log_t = time.perf_counter()   # setup before the loop is not a step
+        if not self._live:
             yield
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[values]}  {task.fields[rate]}  ETA {task.fields[eta]}"), TimeElapsedColumn())
-        self._total = total
-        self._last_log_t = time.perf_counter()   # setup before the loop is not a step
         self._progress = Progress(*cols, console=self.console, transient=False)
         self._task = self._progress.add_task(description, total=total, completed=start, rate="-", eta="-",
                                              values="  ".join(f"{label} -" for label in self.view["bar"].values()))
@@ -225,11 +247,11 @@ class Metrics:
             return
         # the mean of recent step times, not rich's 30 s speed window: RL steps can each take longer than that
         per_step = sum(self._step_times) / len(self._step_times)
-        remaining = max(0, (self._total or 0) - (step + 1))
+        remaining = max(0, (self._total or 0) - step)   # the loops log step k after their k-th step
         # a key missing from this step (held-out loss between evals) keeps its last value on the bar
         self._bar_values.update({k: row[k] for k in self.view["bar"] if k in row})
         values = "  ".join(f"{label} {_fmt(self._bar_values.get(k))}" for k, label in self.view["bar"].items())
-        self._progress.update(self._task, completed=step + 1, values=values, rate=f"{per_step:.2f} s/step",
+        self._progress.update(self._task, completed=step, values=values, rate=f"{per_step:.2f} s/step",
                               eta=_fmt_duration(remaining * per_step))
 
     # ------------------------------------------------------------------------------------------------ end
@@ -341,11 +363,11 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
-def format_line(step: int, row: Mapping[str, Any], total: Optional[int] = None) -> str:
-    """The compact console line: `step 12/100  reward 0.530  acc 0.400  kl 1.2e-03 ...`."""
+def format_line(step: int, row: Mapping[str, Any], total: Optional[int] = None, eta: Optional[str] = None) -> str:
+    """The compact console line: `step 12/100  reward 0.530  acc 0.400  kl 1.2e-03 ...  eta 1:30`."""
     head = f"step {step}" + (f"/{total}" if total else "")
     parts = [f"[bold]{head}[/]"] + [f"{label} {_fmt(row[k])}" for k, label in CONSOLE_KEYS.items() if k in row]
-    return "  ".join(parts)
+    return "  ".join(parts + ([f"eta {eta}"] if eta else []))
 
 
 # ---------------------------------------------------------------------------------------------------- files

@@ -197,6 +197,44 @@ def test_console_progress_and_summary(tmp_path):
     assert M.timing_table(M.read_jsonl(tmp_path / "metrics.jsonl")).row_count == 1
 
 
+# An RL step's console row, as the demo logs it: wider than 80 columns once formatted.
+_WIDE = {"reward/total": 0.53125, "train/accuracy": 0.40625, "eval/accuracy": 0.625, "len/mean": 7.25,
+         "kl": 1.2e-3, "entropy": 0.123, "clip_frac": 0.0, "perf/tokens_per_s": 12345.0}
+
+
+def _console_run(tmp_path, terminal: bool, steps: int = 3):
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=terminal, force_jupyter=False)
+    with M.Metrics(LoggingConfig(wandb="disabled", plot=False), tmp_path, console=console) as m:
+        with m.progress(total=steps):
+            for step in range(1, steps + 1):   # the loops log step k after their k-th step
+                m.log(step, _WIDE)
+    return buf.getvalue()
+
+
+def test_console_in_a_file_is_one_whole_line_per_step(tmp_path):
+    """`megaapo train > log.txt`: every step is one line with every field, however long (rich used to wrap at 80
+    columns in the middle of a field: "clip \\n0.000"), and no progress bar (it cannot redraw in a file)."""
+    lines = _console_run(tmp_path, terminal=False).splitlines()
+    steps = [x for x in lines if x.startswith("step ")]
+    assert [x.split()[1] for x in steps] == ["1/3", "2/3", "3/3"]
+    for x in steps:
+        assert len(x) > 80 and "clip 0.000" in x and "eval_acc 0.625" in x and "s/step" in x
+        assert x.endswith(("eta 0:00", "eta 0:01"))   # the ETA a file has instead of the bar
+    assert steps[-1].endswith("eta 0:00")
+    assert not any(x.startswith("RL") for x in lines)    # the bar's row ("RL ━━━ 3/3 ...") is absent
+
+
+def test_console_in_a_terminal_fits_its_width_above_a_live_bar(tmp_path):
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", _console_run(tmp_path, terminal=True))   # drop colours, cursor moves
+    rows = [x for x in re.split(r"[\r\n]", text) if x.startswith("step ")]
+    assert {x.split()[1] for x in rows} == {"1/3", "2/3", "3/3"}
+    assert all(len(x) <= 80 and x.endswith("…") for x in rows)   # cropped, never wrapped onto a second line
+    assert any(x.startswith("RL") and "3/3" in x for x in text.splitlines())   # the live bar, finished
+
+
 def test_disabled_rank_writes_nothing(tmp_path):
     run = tmp_path / "run"
     m = M.Metrics(LoggingConfig(wandb="offline"), run, {"a": 1}, enabled=False)
