@@ -197,7 +197,8 @@ class OptimConfig:
                           "auto: megatron on GPU, torch on CPU")
     lr: float = _opt(1e-6, gt=0.0)
     min_lr: float = _opt(0.0, ge=0.0)
-    schedule: str = _opt("cosine", choices=["cosine", "constant", "linear"])
+    schedule: str = _opt("cosine", choices=["cosine", "constant", "linear"],
+                         help="over the run's optimizer updates: RL makes algo.updates_per_batch per step")
     warmup_ratio: float = _opt(0.0, ge=0.0, le=1.0)
     betas: list = _opt([0.9, 0.999])
     eps: float = _opt(1e-8, gt=0.0)

@@ -30,6 +30,12 @@ from megaapo import rundir
 log = logging.getLogger("megaapo.train")
 
 
+
+def optimizer_steps(cfg, job: str) -> int:
+    """The learning-rate schedule's length: the run's optimizer steps. An RL step makes `algo.updates_per_batch`
+    updates (one per mini-batch); an SFT step makes one."""
+    return cfg.trainer.total_steps * (cfg.algo.updates_per_batch if job == "rl" else 1)
+
 class Run:
     def __init__(self, cfg, job: str = "rl"):
         assert job in ("rl", "sft"), job
@@ -111,7 +117,7 @@ class Run:
             self._start_engines()
             self.engines.sleep()
         self.policy = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, cfg.optim,
-                              total_steps=cfg.trainer.total_steps)
+                              total_steps=optimizer_steps(cfg, self.job))
         if job_is_rl and cfg.algo.kl_coef > 0:
             self.reference = Learner(self.model_path, self.groups, cfg.model, cfg.parallel, None)
         self.stream = PromptStream(len(self.train), d.seed, d.shuffle)

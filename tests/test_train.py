@@ -80,8 +80,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
         assert g == w, f"step {w['step']} differs after resume"
 
 
-# Two RL steps from the same weights (no warm-up), the reference of the layout and optimizer comparisons below.
-COMMON = ["trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_every=0"]
+# Two RL steps from the same weights (no warm-up), the reference of the layout and optimizer comparisons below; a
+# decaying learning rate (3e-4 -> 1e-4 over the run's updates), so the layouts also agree on the schedule.
+COMMON = ["trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_every=0", "optim.schedule=cosine",
+          "optim.min_lr=1e-4"]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,19 @@ def test_torchrun_matches_single_process(single_run, tmp_path, layout):
     name = "model-00001-of-00001.safetensors"
     got, want = load_file(tmp_path / "run" / "hf_final" / name), load_file(tmp_path / "hf_two" / name)
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lr_schedule_spans_every_update(single_run):
+    """A cosine schedule (the demo's lr 3e-4 -> 1e-4) runs over all of the run's optimizer updates, two per RL step here
+    (2 steps: updates k = 0..3 of 4), not over the RL steps (which would reach the floor half-way). Logged lr = the
+    mean of the step's updates; lr(k) = 1e-4 + 2e-4 * (1 + cos(pi k / 4)) / 2, computed by hand."""
+    lr = [3.0e-4, 1e-4 + 1e-4 * (1 + 0.5 ** 0.5), 2.0e-4, 1e-4 + 1e-4 * (1 - 0.5 ** 0.5)]
+    assert single_run[1]["updates"] == 2
+    for step in (1, 2):
+        want = (lr[2 * step - 2] + lr[2 * step - 1]) / 2
+        assert abs(single_run[step]["lr"] - want) < 1e-9, (step, single_run[step]["lr"], want)
 
 
 @pytest.mark.vllm
