@@ -89,6 +89,7 @@ class Metrics:
         self._task = None
         self._last_log_t = time.perf_counter()
         self._step_times: list[float] = []
+        self._rows_logged = 0
         self._total: Optional[int] = None
         if not enabled:
             return
@@ -179,7 +180,9 @@ class Metrics:
         row.update({k: _scalar(k, v) for k, v in values.items()})
         self._timers.clear()
         self._last_log_t = now
-        self._step_times = (self._step_times + [row["time/step"]])[-20:]
+        if self._rows_logged:   # the first row also spans the start-up (engine start, warm-up): not a step's time
+            self._step_times = (self._step_times + [row["time/step"]])[-20:]
+        self._rows_logged += 1
         if self._jsonl is not None:
             # flush, not fsync: a killed process loses nothing the kernel already holds, and resume rewrites the tail
             with writing(self.jsonl_path, f"logging step {step}"):
@@ -201,7 +204,7 @@ class Metrics:
             self.console.print(format_line(step, row, self._total), no_wrap=True, overflow="ellipsis")
             return
         eta = None
-        if self._total:
+        if self._total and self._step_times:
             eta = _fmt_duration(max(0, self._total - step) * sum(self._step_times) / len(self._step_times))
         self.console.print(format_line(step, row, self._total, eta=eta), soft_wrap=True)
 
@@ -246,13 +249,13 @@ class Metrics:
         if self._progress is None:
             return
         # the mean of recent step times, not rich's 30 s speed window: RL steps can each take longer than that
-        per_step = sum(self._step_times) / len(self._step_times)
+        per_step = sum(self._step_times) / len(self._step_times) if self._step_times else None
         remaining = max(0, (self._total or 0) - step)   # the loops log step k after their k-th step
         # a key missing from this step (held-out loss between evals) keeps its last value on the bar
         self._bar_values.update({k: row[k] for k in self.view["bar"] if k in row})
         values = "  ".join(f"{label} {_fmt(self._bar_values.get(k))}" for k, label in self.view["bar"].items())
-        self._progress.update(self._task, completed=step, values=values, rate=f"{per_step:.2f} s/step",
-                              eta=_fmt_duration(remaining * per_step))
+        rate, eta = ("-", "-") if per_step is None else (f"{per_step:.2f} s/step", _fmt_duration(remaining * per_step))
+        self._progress.update(self._task, completed=step, values=values, rate=rate, eta=eta)
 
     # ------------------------------------------------------------------------------------------------ end
     def finish(self, summary: bool = True, exit_code: int = 0) -> Optional[Path]:
