@@ -292,6 +292,19 @@ def run_state(policy, reference, rng: dict | None = None) -> dict:
             "rng": rng_sharded_object(rng)}
 
 
+def gathered_hf_weights(learner) -> dict:
+    """Every stage's full HF tensors, on global rank 0 (collective on all ranks; {} elsewhere): each stage's first
+    tensor- and data-parallel rank contributes its own (the tiny test models travel as objects)."""
+    import torch.distributed as dist
+
+    g = learner.groups
+    mine = {k: v.detach().cpu().clone() for k, v in learner.hf_weights()}   # every TP rank takes part in the gathers
+    mine = mine if g.tp_rank == 0 and g.dp_rank == 0 else {}
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if parts else {}
+
+
 def _step_and_weights(learner, samples, loss_fn) -> tuple[dict, dict | None]:
     """One update -> (its metrics as the last stage has them, the full HF weights after it on rank 0)."""
     import torch.distributed as dist
@@ -299,7 +312,7 @@ def _step_and_weights(learner, samples, loss_fn) -> tuple[dict, dict | None]:
     metrics = [None] * dist.get_world_size()
     dist.all_gather_object(metrics, learner.train_step(samples, loss_fn).metrics)
     metrics = next(m for m in metrics if "loss" in m)
-    weights = {k: v.clone() for k, v in learner.gathered_hf_weights()}
+    weights = gathered_hf_weights(learner)
     return metrics, (weights if weights else None)
 
 
@@ -344,7 +357,7 @@ def _dist_ckpt_case(groups, hf_path, impl, role, root: Path) -> dict:
     if role == "save":
         for _ in range(2):
             policy.train_step(samples, loss_fn)
-        out["step2"] = {k: v.clone() for k, v in policy.gathered_hf_weights()} or None
+        out["step2"] = gathered_hf_weights(policy) or None
         saver = dckpt.Checkpointer(root / impl, groups, async_save=True)
         rng = ckpt.capture_rng()
         out["draw"] = torch.rand(4)   # what the run draws next; a resume at this layout must draw the same
