@@ -87,6 +87,32 @@ class _Pending:
     what: str    # the failure's message head: which checkpoint was not saved, which one stays the newest
 
 
+_RESULTS_MANAGER = None
+
+
+def _shielded_results_queue() -> None:
+    """Give megatron's checkpoint writer a results queue whose process survives the job's stop signal.
+
+    megatron's writer processes report through a `Manager().Queue()` that megatron starts lazily in a spawned
+    process. SLURM signals every process of a job step on preemption, so that process died of the SIGTERM the
+    trainers catch to save a last checkpoint, and that save then failed (BrokenPipeError). Started here instead, the
+    manager ignores stop signals and exits when this process is gone (megaapo.shield)."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megaapo.shield import shield_from_stop_signals
+
+    global _RESULTS_MANAGER
+    if filesystem_async._results_queue is not None and _RESULTS_MANAGER is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))   # the context megatron uses
+    manager.start(initializer=shield_from_stop_signals, initargs=(os.getpid(),))
+    _RESULTS_MANAGER = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
 class Saver:
     """Writes a run's checkpoints; at most one save is in flight, and the next save waits for it.
 
@@ -110,6 +136,7 @@ class Saver:
         self.strategy = FullyParallelSaveStrategyWrapper(base, groups.dp, do_cache_distribution=True)
         self.queue = AsyncCallsQueue() if async_save else None
         self.pending: _Pending | None = None
+        _shielded_results_queue()
 
     def save(self, state: dict, directory: Path, commit: Callable[[], None],
              on_failure: Callable[[], None], what: str) -> None:

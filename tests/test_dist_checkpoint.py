@@ -378,3 +378,43 @@ def test_nonfinite_state_is_refused_and_a_changed_file_is_never_read(tiny_model,
     finally:
         if started:
             destroy()
+
+
+_SHIELDED = """
+import os, signal, time
+import megaapo.dist_checkpoint as dc
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+dc._shielded_results_queue()
+pid = dc._RESULTS_MANAGER._process.pid
+os.kill(pid, signal.SIGTERM)   # what SLURM sends every process of a preempted job step
+time.sleep(1.0)
+filesystem_async._results_queue.put("still there")
+assert filesystem_async._results_queue.get(timeout=10) == "still there"
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)   # the trainer dies without cleaning up
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_writer_results_queue_survives_the_stop_signal_and_ends_with_the_trainer():
+    """megatron's writer reports through a manager process; on SLURM preemption it used to die of the SIGTERM the
+    trainers catch to save, and that last save failed with a BrokenPipeError. It must ignore the signal, keep
+    serving, and still never outlive the trainer (no orphan after a SIGKILL)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.run([sys.executable, "-c", _SHIELDED], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]   # got through the asserts to its own SIGKILL
+    manager = int(proc.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while _alive(manager) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(manager), "the writer's manager outlived the trainer"
