@@ -129,11 +129,17 @@ class RolloutConfig:
                                 "none (pi_old = the engine's behaviour log-probs)")
     partial: bool = _opt(False, help="k>=1: a weight update pauses generation in place and the sequences continue "
                                      "on the new weights (per-token versions and behaviour log-probs)")
+    proximal: str = _opt("recompute", choices=["recompute", "update"],
+                         help="k>=1 with decoupled/tis: pi_old is the learner's log-probs at the start of the step "
+                              "(recompute: one more forward pass over the batch) or each update's own, detached "
+                              "(update: no extra pass; every mini-batch's clipped ratio then starts at 1)")
     max_model_len: int = _opt(0, ge=0, help="engine context length (prompt + response); 0: the model's own")
     max_images_per_prompt: int = _opt(1, ge=0)
     addresses: list = _opt([], help="running engines (tcp://host:port, one per engine; see megaapo.rollout.server); "
                                     "empty: the trainer starts num_engines engines itself")
     sync_host: str = _opt("", help="address engines use to reach the trainer's weight-sync rank; empty: automatic")
+    engine_cpus: list = _opt([], help="CPU runs: the cores the engines the trainer starts run on (their OpenMP "
+                                      "threads, one per core, and every other thread); empty: vLLM's default")
     engine_gpus: list = _opt([], help="GPUs (as CUDA_VISIBLE_DEVICES names them) for the engines the trainer "
                                       "starts, num_engines x tensor_parallel_size of them in engine order; empty: the "
                                       "node's GPUs after the trainer processes' (docs/rollout.md, Placement)")
@@ -234,6 +240,8 @@ class TrainerConfig:
     eval_every: int = _opt(0, ge=0)
     eval_size: int = _opt(200, ge=1)
     threads: int = _opt(0, ge=0, help="torch CPU threads; 0 leaves torch's default")
+    cpus: list = _opt([], help="CPU cores the trainer process (and the reward workers it starts) may run on; empty: "
+                               "all. With rollout.engine_cpus this gives each side of an asynchronous run its own")
     dry_run: bool = False
     gpu: str = _opt("auto", help="the GPU the memory plan checks against: auto (the device's own on GPU runs; no "
                                  "check on CPU runs), a name (h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb) "

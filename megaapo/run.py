@@ -74,6 +74,10 @@ class Run:
         from megaapo.data.stream import PromptStream
 
         cfg = self.cfg
+        if cfg.trainer.cpus:   # before any thread or child process exists that should inherit it
+            from megaapo import cpus
+
+            cpus.pin_process(cpus.check(cfg.trainer.cpus, "trainer.cpus"))
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         _seed_all(cfg.trainer.seed)

@@ -148,17 +148,22 @@ def test_broadcast_reaches_engines_and_matches_learner(engines, learner):
 
 
 @pytest.mark.vllm
-def test_engine_leaves_no_temporary_files(vl_model, tmp_path):
+def test_engine_leaves_no_temporary_files_and_keeps_to_its_cores(vl_model, tmp_path):
     """vLLM writes a `vllm_dist_*` rendezvous file into $TMPDIR at every start and never removes it: each engine gets
     a temporary directory of its own, removed with it. (The machine's shared /tmp is not compared before and after:
-    other jobs start vLLM there too.)"""
-    client = RolloutClient(_cfg(), vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
+    other jobs start vLLM there too.) rollout.engine_cpus confines every thread of the engine process, not only
+    vLLM's OpenMP threads, and sizes its OpenMP team to the cores (megaapo/cpus.py)."""
+    client = RolloutClient(_cfg(engine_cpus=[0]), vl_model, "float32", max_pixels=12544, log_dir=tmp_path)
     try:
         engine = client.engines[0]
         private = engine.tmp_dir
         environ = dict(kv.split("=", 1) for kv in open(f"/proc/{engine.proc.pid}/environ").read().split("\0") if kv)
         assert environ["TMPDIR"] == str(private)
         assert list(private.glob("vllm_dist_*")), "vLLM's rendezvous file should be in the engine's own TMPDIR"
+        assert (environ["VLLM_CPU_OMP_THREADS_BIND"], environ["OMP_NUM_THREADS"]) == ("0", "1")
+        tasks = os.listdir(f"/proc/{engine.proc.pid}/task")
+        assert len(tasks) > 3   # vLLM's threads and ours, all started before the engine served
+        assert {int(t): os.sched_getaffinity(int(t)) for t in tasks} == {int(t): {0} for t in tasks}
     finally:
         client.shutdown()
     assert not private.exists()

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from megaapo import cpus
 from megaapo.rollout.placement import Placement, plan_here
 from megaapo.rollout.types import (ERROR_MARKER, EngineError, EngineSpec, Rollout, SamplingSpec, apply_engine_env,
                                    encode_prompts, to_rollouts)
@@ -251,6 +252,8 @@ class RolloutClient:
     def _spawn(self, spec: EngineSpec, log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         base_env = apply_engine_env(dict(os.environ))
+        if self.cfg.engine_cpus:   # CPU runs: the engines' own cores (megaapo.cpus)
+            base_env |= cpus.engine_env(cpus.check(self.cfg.engine_cpus, "rollout.engine_cpus"))
         for i in range(self.cfg.num_engines):
             # Its own GPUs, never the trainer's inherited CUDA_VISIBLE_DEVICES (vLLM would take the first of them).
             env = base_env | self.placement.engine_env(i)

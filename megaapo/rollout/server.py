@@ -171,6 +171,9 @@ def main(argv=None) -> None:
     from megaapo.rollout.types import apply_engine_env
 
     apply_engine_env()    # before anything imports vllm
+    from megaapo.cpus import confine_engine
+
+    confine_engine()      # a core list in VLLM_CPU_OMP_THREADS_BIND (rollout.engine_cpus) holds the whole process
     if args.parent_pid:
         _watch_parent(args.parent_pid)
     spec = _spec_from_args(args)

@@ -1,0 +1,53 @@
+"""CPU budgets (megaapo/cpus.py): core lists, the refusal of a core the process was not given, and confinement of
+every thread of a process, including threads that already run (the engine side is checked on a real vLLM engine in
+tests/test_rollout.py::test_engine_leaves_no_temporary_files_and_keeps_to_its_cores)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megaapo import cpus
+from megaapo.config import ConfigError
+
+
+def test_parse_takes_plain_core_lists_and_leaves_vllms_own_forms_alone():
+    assert cpus.parse("1") == [1]
+    assert cpus.parse("2-3,0") == [0, 2, 3]
+    assert cpus.parse(" 0, 1 ") == [0, 1]
+    for own in ("auto", "all", "nobind", "0-1|2-3", ""):
+        assert cpus.parse(own) is None
+    assert cpus.engine_env([]) == {}
+    assert cpus.engine_env([1, 2]) == {"VLLM_CPU_OMP_THREADS_BIND": "1,2", "OMP_NUM_THREADS": "2"}
+
+
+def test_a_core_the_process_was_not_given_is_refused_with_the_key():
+    given = sorted(os.sched_getaffinity(0))
+    assert cpus.check(given[:1], "trainer.cpus") == given[:1]
+    with pytest.raises(ConfigError, match=rf"trainer.cpus=\[{given[-1] + 64}\]: core\(s\) \[{given[-1] + 64}\]"):
+        cpus.check([given[-1] + 64], "trainer.cpus")
+
+
+def test_confinement_holds_every_thread_and_what_starts_later():
+    """A thread that runs before the pin (as an OpenMP pool or a monitor thread would) is moved too; a thread and a
+    child process started after it inherit the cores; OMP_NUM_THREADS follows the engine's core list."""
+    core = min(os.sched_getaffinity(0))
+    code = f"""
+import json, os, subprocess, sys, threading, time
+from megaapo import cpus
+early = threading.Thread(target=time.sleep, args=(5,), daemon=True); early.start()
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "{core}"
+os.environ.pop("OMP_NUM_THREADS", None)
+got = cpus.confine_engine()
+late = threading.Thread(target=time.sleep, args=(5,), daemon=True); late.start()
+child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                       capture_output=True, text=True).stdout.strip()
+print(json.dumps({{"got": got, "omp": os.environ["OMP_NUM_THREADS"], "child": child,
+                  "threads": [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    res = json.loads(out.splitlines()[-1])
+    assert res["got"] == [core] and res["omp"] == "1" and res["child"] == f"[{core}]"
+    assert len(res["threads"]) >= 3 and all(t == [core] for t in res["threads"])
