@@ -46,10 +46,13 @@ def rl_loss(exp, idx, settings, old_logp, ref_logp, tis_cap: float) -> RLLoss:
 def old_logprobs(cfg, policy, exp, samples):
     """pi_old of the PPO ratio, when the updates need one (several mini-batches, TIS, or batches generated from
     older weights: k >= 1, where decoupled PPO takes the learner's own log-probs as the proximal policy and the
-    engine's as the behaviour policy)."""
+    engine's as the behaviour policy). None: each update takes its own log-probs, detached (one on-policy update, or
+    k >= 1 with rollout.proximal=update: no extra forward pass)."""
     r = cfg.rollout
     if r.max_staleness:
-        return exp.rollout_logp if r.off_policy == "none" else policy.logprobs(samples, r.temperature)
+        if r.off_policy == "none":
+            return exp.rollout_logp
+        return policy.logprobs(samples, r.temperature) if r.proximal == "recompute" else None
     if cfg.algo.updates_per_batch == 1 and r.tis_cap <= 0:
         return None   # one on-policy update: pi_old is the current policy (detached)
     if cfg.algo.old_logprob == "rollout":

@@ -150,3 +150,36 @@ def test_decoupled_loss_weights_each_token_by_its_own_behaviour_logprob():
     assert logp.grad[0].tolist() == pytest.approx(want, rel=1e-6)
     assert behaviour_cap(load_config("grpo", ["rollout.max_staleness=1", "rollout.off_policy=tis"]).rollout) == 2.0
     assert behaviour_cap(load_config("grpo").rollout) == 0.0   # k=0: TIS as configured (off)
+
+
+def test_proximal_update_takes_each_updates_own_logprobs_without_an_extra_pass():
+    """rollout.proximal=update: no forward pass for pi_old (the policy is never asked), and each token's gradient is
+    -A * pi/pi_behaviour / tokens at the current log-probs pi, whatever they are (the clipped ratio is 1)."""
+    import math
+
+    import torch
+
+    from megaapo.algos.losses import LossSettings
+    from megaapo.config import load_config
+    from megaapo.experience import RLLoss
+    from megaapo.train import behaviour_cap, old_logprobs
+
+    class NoPass:
+        def logprobs(self, *a, **kw):
+            raise AssertionError("rollout.proximal=update must not compute pi_old with a forward pass")
+
+    behaviour = torch.tensor([-1.3, -1.8, -1.5, -0.5])
+    exp = SimpleNamespace(lengths=torch.tensor([4.0]), keep=torch.tensor([True]), advantages=torch.tensor([2.0]),
+                          kl_weight=torch.ones(1), rollout_logp=[behaviour])
+    cfg = load_config("grpo", ["rollout.max_staleness=1", "rollout.proximal=update"])
+    assert old_logprobs(cfg, NoPass(), exp, []) is None
+    with pytest.raises(AssertionError, match="must not"):   # the default recomputes pi_old
+        old_logprobs(load_config("grpo", ["rollout.max_staleness=1"]), NoPass(), exp, [])
+    current = torch.tensor([-0.9, -2.2, -1.4, -0.6])
+    loss_fn = RLLoss(exp, [0], LossSettings(), None, None, behaviour_cap(cfg.rollout))
+    logp = current.clone().unsqueeze(0).requires_grad_(True)
+    loss, metrics = loss_fn(logp, None, torch.ones(1, 4, dtype=torch.bool), [0])
+    loss.backward()
+    want = [-2.0 * math.exp(c - b) / 4 for c, b in zip(current.tolist(), behaviour.tolist())]
+    assert logp.grad[0].tolist() == pytest.approx(want, rel=1e-6)
+    assert metrics["clip_frac"] == 0.0
