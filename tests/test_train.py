@@ -137,6 +137,27 @@ def test_torchrun_matches_single_process(single_run, tmp_path, layout):
 
 
 @pytest.mark.vllm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_tp2_runs_ahead_at_k1(single_run, tmp_path):
+    """rollout.max_staleness=1 under torchrun at tp=2: rank 0's producer generates ahead while both ranks train, and
+    every rank joins each sync. Step 1 trains the same first batch as the single-process k=0 run (same weights, same
+    seeds); no batch trains more than one sync behind, later ones exactly one (they were generated ahead), none
+    dropped."""
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
+           "demo", f"trainer.output_dir={tmp_path / 'run'}", *SMALL, *COMMON, "trainer.total_steps=3",
+           "parallel.tp=2", "rollout.max_staleness=1"]
+    two = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = {r["step"]: r for r in _rows(tmp_path / "run") if r["step"] >= 1}
+    assert sorted(rows) == [1, 2, 3]
+    for key in ("reward/total", "train/accuracy", "len/mean"):
+        assert rows[1][key] == single_run[1][key], key
+    assert [rows[s]["async/versions_behind_max"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(rows[s]["async/dropped"] == 0 for s in rows)
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_lr_schedule_spans_every_update(single_run):
     """A cosine schedule (the demo's lr 3e-4 -> 1e-4) runs over all of the run's optimizer updates, two per RL step here
