@@ -139,14 +139,15 @@ def test_torchrun_matches_single_process(single_run, tmp_path, layout):
 @pytest.mark.vllm
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_torchrun_tp2_runs_ahead_at_k1(single_run, tmp_path):
-    """rollout.max_staleness=1 under torchrun at tp=2: rank 0's producer generates ahead while both ranks train, and
-    every rank joins each sync. Step 1 trains the same first batch as the single-process k=0 run (same weights, same
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"], ids=["tp2", "pp2"])
+def test_torchrun_runs_ahead_at_k1(single_run, tmp_path, layout):
+    """rollout.max_staleness=1 under torchrun at tp=2 and at pp=2 (each stage sends its own layers' weights): rank
+    0's producer generates ahead while both ranks train, and every rank joins each sync. Step 1 trains the same first batch as the single-process k=0 run (same weights, same
     seeds); no batch trains more than one sync behind, later ones exactly one (they were generated ahead), none
     dropped."""
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megaapo.train",
            "demo", f"trainer.output_dir={tmp_path / 'run'}", *SMALL, *COMMON, "trainer.total_steps=3",
-           "parallel.tp=2", "rollout.max_staleness=1"]
+           layout, "rollout.max_staleness=1"]
     two = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     rows = {r["step"]: r for r in _rows(tmp_path / "run") if r["step"] >= 1}
