@@ -42,7 +42,10 @@ def check(cpus: Iterable[int], what: str) -> list[int]:
     """The configured cores, refused with the key's name if one is not a core this machine has."""
     from megaapo.config import ConfigError
 
-    cpus = [int(c) for c in cpus]
+    try:
+        cpus = [int(c) for c in cpus]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={list(cpus)}: give core numbers, e.g. {what}=[0] or {what}=[2,3]") from None
     missing = [c for c in cpus if c not in _GIVEN]
     if missing:
         raise ConfigError(f"{what}={cpus}: core(s) {missing} are not available to this process "

@@ -28,6 +28,8 @@ def test_a_core_the_process_was_not_given_is_refused_with_the_key():
     assert cpus.check(given[:1], "trainer.cpus") == given[:1]
     with pytest.raises(ConfigError, match=rf"trainer.cpus=\[{given[-1] + 64}\]: core\(s\) \[{given[-1] + 64}\]"):
         cpus.check([given[-1] + 64], "trainer.cpus")
+    with pytest.raises(ConfigError, match=r"rollout.engine_cpus=\['one'\]: give core numbers"):
+        cpus.check(["one"], "rollout.engine_cpus")
 
 
 def test_confinement_holds_every_thread_and_what_starts_later():
