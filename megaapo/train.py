@@ -20,7 +20,7 @@ import logging
 import sys
 
 from megaapo.algos.losses import LossSettings
-from megaapo.algos.mismatch import stale_token_gap
+from megaapo.algos.mismatch import mixed_version_share, stale_token_gap
 from megaapo.config import load_config
 from megaapo.distributed import share
 from megaapo.experience import RLLoss, build, reward_inputs, summarize, to_samples
@@ -73,9 +73,11 @@ def off_policy_metrics(r, old, exp, batch, step: int) -> dict:
     """k >= 1: how far the behaviour log-probs (per token, from the weights that made each token) are from the
     learner's pi_old, for tokens of the current weights and of older ones; and the share of samples whose tokens
     span several versions (partial rollouts)."""
-    if not r.max_staleness or old is None or old is exp.rollout_logp or not batch.token_synced:
+    if not r.max_staleness or not batch.token_synced:
         return {}
     behind = [[step - s for s in per] for per in batch.token_synced]
+    if old is None or old is exp.rollout_logp:   # no recomputed pi_old to measure the gap against
+        return {"async/mixed_version_samples": mixed_version_share(behind)}
     return {f"async/{k}": v for k, v in stale_token_gap(old, exp.rollout_logp, behind).items()}
 
 

@@ -96,8 +96,10 @@ def test_k1_bound_and_sigkill_resume_lose_and_repeat_no_prompt(tmp_path):
 @pytest.mark.slow
 def test_partial_rollouts_continue_sequences_across_weight_updates(tmp_path):
     # Responses long enough that the learner's step (and its sync) ends while the next batch is being generated.
+    # pi_old recomputed (the demo takes each update's own), so that the per-token gap metrics are logged too
     res = subprocess.run(_cmd(tmp_path, *SMALL, "rollout.max_new_tokens=32", "rollout.max_staleness=1",
-                              "rollout.partial=true", "trainer.total_steps=4", "trainer.eval_every=0"),
+                              "rollout.partial=true", "rollout.proximal=recompute", "trainer.total_steps=4",
+                              "trainer.eval_every=0"),
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [r for r in _rows(tmp_path / "metrics.jsonl") if "async/versions_behind_max" in r]
@@ -107,3 +109,4 @@ def test_partial_rollouts_continue_sequences_across_weight_updates(tmp_path):
     assert max(r["async/mixed_version_samples"] for r in rows) > 0
     # their tokens carry both versions: some tokens one sync behind, some from the current weights
     assert any(0 < r["async/versions_behind_mean"] < 1 for r in rows)
+    assert any("async/logp_gap_stale" in r and "async/logp_gap_fresh" in r for r in rows)

@@ -52,6 +52,12 @@ def stale_token_gap(old_logp: list, behaviour_logp: list, token_behind: list) ->
         cat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         if cat.numel():
             out[f"logp_gap_{name}"] = float(cat.mean())
-    mixed = sum(len(set(torch.as_tensor(b).tolist())) > 1 for b in token_behind)
-    out["mixed_version_samples"] = mixed / max(1, len(token_behind))
+    out["mixed_version_samples"] = mixed_version_share(token_behind)
     return out
+
+
+def mixed_version_share(token_behind: list) -> float:
+    """The share of responses whose tokens came from more than one weight version (a partial rollout continued
+    across an update); `token_behind` per response, per token: syncs behind."""
+    mixed = sum(len(set(torch.as_tensor(b).tolist())) > 1 for b in token_behind)
+    return mixed / max(1, len(token_behind))
