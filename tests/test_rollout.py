@@ -14,9 +14,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from megaapo.config import RolloutConfig
 from megaapo.rollout import EngineError, RolloutClient, SamplingSpec
@@ -160,6 +162,9 @@ def test_engine_leaves_no_temporary_files_and_keeps_to_its_cores(vl_model, tmp_p
         environ = dict(kv.split("=", 1) for kv in open(f"/proc/{engine.proc.pid}/environ").read().split("\0") if kv)
         assert environ["TMPDIR"] == str(private)
         assert list(private.glob("vllm_dist_*")), "vLLM's rendezvous file should be in the engine's own TMPDIR"
+        # torch.compile's cache (precompiled headers included) is the one every other process uses, not rebuilt
+        shared = Path(default_cache_dir())
+        assert (private / shared.name).is_symlink() and (private / shared.name).resolve() == shared.resolve()
         assert (environ["VLLM_CPU_OMP_THREADS_BIND"], environ["OMP_NUM_THREADS"]) == ("0", "1")
         tasks = os.listdir(f"/proc/{engine.proc.pid}/task")
         assert len(tasks) > 3   # vLLM's threads and ours, all started before the engine served
@@ -167,6 +172,7 @@ def test_engine_leaves_no_temporary_files_and_keeps_to_its_cores(vl_model, tmp_p
     finally:
         client.shutdown()
     assert not private.exists()
+    assert shared.is_dir()   # the link went with the directory, the cache stayed
 
 
 def test_death_message_says_only_what_the_engine_said(tmp_path):
