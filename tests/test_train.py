@@ -44,15 +44,24 @@ def _rows(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+STEPS = ["trainer.total_steps=6", "checkpoint.every=2", "trainer.eval_every=3"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """Six uninterrupted steps with a W&B offline record: the reference of the resume test and the run whose W&B
+    record is read back (W&B logging changes no metric; the resumed run below logs to no W&B at all)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    res = _train(out, *STEPS, "logging.wandb=offline")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    steps = ["trainer.total_steps=6", "checkpoint.every=2", "trainer.eval_every=3"]
-    ref = _train(tmp_path / "ref", *steps)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
+def test_resume_after_sigkill_equals_uninterrupted_run(whole_run, tmp_path):
     out = tmp_path / "cut"
-    cmd = [PY, "-m", "megaapo.cli", "train", "demo", f"trainer.output_dir={out}", *SMALL, *steps]
+    cmd = [PY, "-m", "megaapo.cli", "train", "demo", f"trainer.output_dir={out}", *SMALL, *STEPS]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     # Kill (no chance to clean up) while step 5 is being computed: after step 4's checkpoint.
@@ -71,10 +80,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     torn.mkdir()
     (torn / "model.rank0.safetensors").write_bytes(b"\0" * 100)
 
-    resumed = _train(out, *steps)
+    resumed = _train(out, *STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step_000004" in resumed.stderr
-    got, want = _rows(out), _rows(tmp_path / "ref")
+    got, want = _rows(out), _rows(whole_run)
     assert [r["step"] for r in got] == list(range(7))
     for g, w in zip(got, want):
         assert g == w, f"step {w['step']} differs after resume"
@@ -185,24 +194,22 @@ def test_megatron_optimizer_in_the_loop(single_run, tmp_path):
 
 
 @pytest.mark.vllm
-def test_wandb_offline_run_has_the_logged_metrics(tmp_path):
+def test_wandb_offline_run_has_the_logged_metrics(whole_run):
     """The run's W&B offline directory, read back with wandb's own reader, holds the loop's metrics."""
-    out = tmp_path / "run"
-    res = _train(out, "trainer.total_steps=2", "trainer.eval_every=2", "logging.wandb=offline")
-    assert res.returncode == 0, res.stderr[-3000:]
-    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    files = list((whole_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     read = subprocess.run([PY, "-m", "wandb", "leet", "inspect", "--json", str(files[0])], capture_output=True,
                           text=True, timeout=120)
     assert read.returncode == 0, read.stderr
     records = [json.loads(line) for line in read.stdout.splitlines() if line.startswith("{")]
     history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
-    assert sorted(history) == [0, 1, 2]
-    jsonl = {r["step"]: r for r in _rows(out)}
-    for step in (1, 2):
+    assert sorted(history) == list(range(7))
+    jsonl = {r["step"]: r for r in _rows(whole_run)}
+    for step in range(1, 7):
         assert history[step]["reward/total"] == pytest.approx(jsonl[step]["reward/total"])
         assert history[step]["kl"] == pytest.approx(jsonl[step]["kl"])
-    assert history[2]["eval/accuracy"] == pytest.approx(jsonl[2]["eval/accuracy"])
+    for step in (0, 3, 6):
+        assert history[step]["eval/accuracy"] == pytest.approx(jsonl[step]["eval/accuracy"])
 
 
 def test_dry_run_validates_layout(tmp_path):
