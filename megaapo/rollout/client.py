@@ -266,15 +266,15 @@ class RolloutClient:
             # A temporary directory of its own: vLLM leaves a `vllm_dist_*` rendezvous file in $TMPDIR per start;
             # removed with the engine (by this client, or by the engine itself when it outlives the trainer).
             tmp_dir = Path(tempfile.mkdtemp(prefix=f"megaapo-engine{i}-"))
-            # ... but torch.compile's cache stays shared: inductor keeps its precompiled headers under $TMPDIR
-            # whatever TORCHINDUCTOR_CACHE_DIR says, and without this link every engine start rebuilt them with the
-            # C++ compiler for vLLM's compiled sampling op (~7 s of each start on CPU). Removing the directory
-            # removes the link, not the cache.
-            (tmp_dir / compile_cache.name).symlink_to(compile_cache, target_is_directory=True)
             cmd = [sys.executable, "-m", "megaapo.rollout.server", "--spec-json", json.dumps(asdict(spec)),
                    "--bind", "tcp://127.0.0.1:0", "--endpoint-file", str(endpoint_file),
                    "--parent-pid", str(os.getpid()), "--tmp-dir", str(tmp_dir)]
             try:
+                # The compile cache stays shared: inductor keeps its precompiled headers under $TMPDIR whatever
+                # TORCHINDUCTOR_CACHE_DIR says, and without this link every engine start rebuilt them with the C++
+                # compiler for vLLM's compiled sampling op (~7 s of each start on CPU). Removing the directory removes
+                # the link, not the cache.
+                (tmp_dir / compile_cache.name).symlink_to(compile_cache, target_is_directory=True)
                 with open(log_path, "wb") as log:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=dict(env, TMPDIR=str(tmp_dir)), start_new_session=True)
