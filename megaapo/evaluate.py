@@ -43,6 +43,7 @@ class EvalResult:
     n: int                          # prompts scored
     accuracy: float                 # mean over all samples (greedy: over prompts)
     format: float                   # share of responses in the prompt style's format (nan-free: 0 without one)
+    answered: float = 0.0           # share of responses with an answer to compare (any style; `direct` has no format)
     pass_at_k: float | None = None
     k: int = 1
     by_category: dict = field(default_factory=dict)   # category -> accuracy
@@ -53,7 +54,7 @@ class EvalResult:
     scoring_failures: int = 0                         # responses whose scoring timed out or crashed (scored 0)
 
     def metrics(self, prefix: str = "eval") -> dict:
-        m = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/format": self.format}
+        m = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/format": self.format, f"{prefix}/answered": self.answered}
         if self.pass_at_k is not None:
             m[f"{prefix}/pass@{self.k}"] = self.pass_at_k
         for cat, acc in self.by_category.items():
@@ -102,6 +103,7 @@ def score_responses(examples, responses: list[tuple[int, str]], scorer, reward_c
         rows.append({"id": ex.id, "category": category(ex), "response": r.text, "answer": extract_answer(r.text),
                      "gold": ex.answer, "correct": a, "format": f})
     res = EvalResult(n=len(per_prompt), accuracy=sum(acc) / max(1, len(acc)), format=sum(fmt_ok) / max(1, len(items)),
+                     answered=sum(r["answer"] is not None for r in rows) / max(1, len(rows)),
                      k=k, by_category={c: sum(v) / len(v) for c, v in sorted(cats.items())},
                      counts={c: len(v) // k for c, v in sorted(cats.items())}, rows=rows,
                      scoring_failures=len(scores.failed))

@@ -277,3 +277,23 @@ def test_step_rewards_through_the_scorer():
     x = RewardInput(VALID, "3", key_steps=[["2 red"], ["nope"]])
     batch = RewardScorer({"step_rar": 1.0, "step_rvr": 1.0}, num_workers=0, alpha=0.1).score([x])
     assert batch.total == [pytest.approx(1 + 0.05 + 1)]
+
+
+def test_eval_counts_answered_responses_in_every_prompt_style(synth_dir):
+    """Held-out scoring reports the share of responses with an answer to compare: the only shape check a `direct`
+    prompt has (no format reward), and next to the format share for `r1`. Four responses, worked out by hand."""
+    from megaapo.config import RewardConfig
+    from megaapo.data.dataset import load_examples
+    from megaapo.evaluate import score_responses
+
+    ex, _ = load_examples(synth_dir / "eval.jsonl")
+    gold = ex[0].answer
+    responses = [(0, f"<answer>{gold}</answer>"), (0, "<answer>no such answer</answer>"), (0, "I cannot tell"),
+                 (0, f"<think>look</think><answer>{gold}</answer>")]
+    with RewardScorer({"accuracy": 1.0}, num_workers=0) as scorer:
+        direct = score_responses(ex, responses, scorer, RewardConfig(), "direct", k=4)
+        r1 = score_responses(ex, responses, scorer, RewardConfig(), "r1", k=4)
+    assert direct.answered == r1.answered == 0.75
+    assert direct.accuracy == r1.accuracy == 0.5
+    assert direct.format == 0.0 and r1.format == 0.25          # only the last one has the <think> format
+    assert direct.metrics()["eval/answered"] == 0.75
