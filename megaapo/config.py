@@ -242,6 +242,10 @@ class TrainerConfig:
     threads: int = _opt(0, ge=0, help="torch CPU threads; 0 leaves torch's default")
     cpus: list = _opt([], help="CPU cores the trainer process (and the reward workers it starts) may run on; empty: "
                                "all. With rollout.engine_cpus this gives each side of an asynchronous run its own")
+    cpu_split: bool = _opt(False, help="CPU runs whose single trainer process starts CPU engines: the trainer takes "
+                                       "the first half of the cores it was started on (trainer.cpus, one torch thread "
+                                       "each) and the engines the rest (rollout.engine_cpus); on 2 cores one each. "
+                                       "Skipped, with a log line, where trainer.cpus or rollout.engine_cpus is set")
     dry_run: bool = False
     gpu: str = _opt("auto", help="the GPU the memory plan checks against: auto (the device's own on GPU runs; no "
                                  "check on CPU runs), a name (h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb) "

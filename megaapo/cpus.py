@@ -8,7 +8,9 @@ thread at ~55% of core 0, the learner's core. So a budget here confines whole pr
 
 * `trainer.cpus`: the trainer process pins itself (`Run` does, first thing); the reward workers it starts inherit it;
 * `rollout.engine_cpus`: the engine processes the trainer starts get `VLLM_CPU_OMP_THREADS_BIND` and
-  `OMP_NUM_THREADS` for those cores, and the engine server confines itself to them before it imports vLLM.
+  `OMP_NUM_THREADS` for those cores, and the engine server confines itself to them before it imports vLLM;
+* `trainer.cpu_split`: both of the above from the cores the trainer was started on, half each (the CPU demo's
+  layout: whatever cores a machine or container gives, never a fixed core number that may not be there).
 
 Called by `megaapo.run.Run`, `megaapo.rollout.client.RolloutClient` (engine environment) and
 `megaapo.rollout.server` (engine side).
@@ -51,6 +53,21 @@ def check(cpus: Iterable[int], what: str) -> list[int]:
         raise ConfigError(f"{what}={cpus}: core(s) {missing} are not available to this process "
                           f"(it was started on {sorted(_GIVEN)})")
     return cpus
+
+
+def given() -> list[int]:
+    """The cores this process was started on."""
+    return sorted(_GIVEN)
+
+
+def split(cores: Iterable[int]) -> Optional[tuple[list[int], list[int]]]:
+    """`trainer.cpu_split`: (the trainer's cores, the engines' cores): the first half of `cores`, rounded up, and the
+    rest (2 cores: one each; 3: two and one). None with fewer than 2 cores: nothing to split."""
+    cores = sorted(set(cores))
+    if len(cores) < 2:
+        return None
+    half = (len(cores) + 1) // 2
+    return cores[:half], cores[half:]
 
 
 def pin_process(cpus: Iterable[int]) -> None:

@@ -61,6 +61,25 @@ class Run:
     def __exit__(self, exc_type, *exc) -> None:
         self.close(failed=exc_type is not None)
 
+    def _split_cpus(self) -> None:
+        """`trainer.cpu_split`: trainer.cpus, rollout.engine_cpus and trainer.threads from the cores this process
+        was started on, where the run has one CPU trainer process that starts CPU engines."""
+        from megaapo import cpus
+
+        cfg, engines = self.cfg, self.placement.engines
+        why = ("trainer.cpus or rollout.engine_cpus is set" if cfg.trainer.cpus or cfg.rollout.engine_cpus else
+               "the trainer runs on GPU" if self.placement.trainer_gpus else
+               "this process starts no engine" if not engines else
+               "the engines run on GPU" if any(engines) else
+               "several trainer processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+        layout = None if why else cpus.split(cpus.given())
+        if layout is None:
+            log.info("trainer.cpu_split: cores left shared (%s)", why or f"started on one core, {cpus.given()}")
+            return
+        (cfg.trainer.cpus, cfg.rollout.engine_cpus), cfg.trainer.threads = layout, len(layout[0])
+        log.info("trainer.cpu_split: trainer on core(s) %s with %d torch thread(s), engines on core(s) %s",
+                 layout[0], len(layout[0]), layout[1])
+
     def _build(self) -> None:
         from transformers import AutoTokenizer
 
@@ -74,6 +93,8 @@ class Run:
         from megaapo.data.stream import PromptStream
 
         cfg = self.cfg
+        if cfg.trainer.cpu_split:
+            self._split_cpus()
         if cfg.trainer.cpus:   # before any thread or child process exists that should inherit it
             from megaapo import cpus
 

@@ -53,3 +53,34 @@ print(json.dumps({{"got": got, "omp": os.environ["OMP_NUM_THREADS"], "child": ch
     res = json.loads(out.splitlines()[-1])
     assert res["got"] == [core] and res["omp"] == "1" and res["child"] == f"[{core}]"
     assert len(res["threads"]) >= 3 and all(t == [core] for t in res["threads"])
+
+
+def test_split_gives_the_trainer_the_first_half_and_the_engines_the_rest():
+    assert cpus.split([1, 0]) == ([0], [1])
+    assert cpus.split([2, 3, 6]) == ([2, 3], [6])
+    assert cpus.split(range(4)) == ([0, 1], [2, 3])
+    assert cpus.split([5]) is None
+
+
+def test_cpu_split_fills_the_budgets_only_where_one_trainer_starts_cpu_engines(monkeypatch):
+    """`trainer.cpu_split` (the CPU demo's layout), resolved by the run from the cores it was started on: applied to
+    a single CPU trainer with engines of its own; left alone where the budgets are given, the engines are someone
+    else's, or torchrun started several trainer processes."""
+    from megaapo.config import load_config
+    from megaapo.run import Run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = ["trainer.cpu_split=true", "trainer.device=cpu", "trainer.threads=2"]
+
+    def resolved(*overrides):
+        cfg = load_config("demo", [*base, *overrides])
+        Run(cfg)._split_cpus()
+        return cfg.trainer.cpus, cfg.rollout.engine_cpus, cfg.trainer.threads
+
+    given = cpus.given()
+    want = cpus.split(given)
+    assert resolved() == ((want[0], want[1], len(want[0])) if want else ([], [], 2))
+    assert resolved(f"trainer.cpus=[{given[0]}]") == ([given[0]], [], 2)
+    assert resolved("rollout.addresses=[tcp://127.0.0.1:9]") == ([], [], 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolved() == ([], [], 2)
