@@ -70,8 +70,8 @@ def steps() -> list[Step]:
              [py, "-m", "kernels.compile_check", "--write-docs", "--json", "{results}/compile.json"], 45, 20,
              files=("kernels/compile_check.py",)),
         Step("kernel-tests", "the kernel tests on CUDA (fp64 references, launch counts, TP=2 on gloo)",
-             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "8", *KERNEL_TESTS, "--junitxml",
-              "{results}/kernel_tests.xml"], 100, 70, files=tuple(KERNEL_TESTS) + ("tests/conftest.py",)),
+             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "8", "--dist", "load", *KERNEL_TESTS,
+              "--junitxml", "{results}/kernel_tests.xml"], 100, 70, files=tuple(KERNEL_TESTS) + ("tests/conftest.py",)),
         Step("kernels-bench", "benchmarks/kernels.py: log-prob and RL-op kernels vs floor / eager / Liger / "
              "torch.compile -> docs/kernels.md", [py, "benchmarks/kernels.py", "--write-docs", "--reps", "3"], 150,
              120, files=("benchmarks/kernels.py",)),

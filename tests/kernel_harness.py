@@ -56,7 +56,7 @@ def _child_report(path):
     target = Path(path).resolve()
     if target.is_relative_to(ROOT):
         target = target.relative_to(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(target), "-q",
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(target), "-q", "-n", "0",
                            "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", f"--junitxml={xml}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = {}

@@ -33,7 +33,7 @@ def in_runner(request, cuda_ok: bool = True) -> bool:
         return True
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "pytest", f"{Path(__file__).relative_to(ROOT)}::{request.node.name}",
-                           "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+                           "-q", "-x", "-n", "0", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"[TRITON_INTERPRET=1 child]\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     return False
