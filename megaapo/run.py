@@ -93,6 +93,7 @@ class Run:
         from megaapo.data.stream import PromptStream
 
         cfg = self.cfg
+        as_given = to_yaml(cfg)   # config.yaml: the run as asked for (cpu_split, not this machine's core numbers)
         if cfg.trainer.cpu_split:
             self._split_cpus()
         if cfg.trainer.cpus:   # before any thread or child process exists that should inherit it
@@ -109,7 +110,7 @@ class Run:
         # Rank 0 builds the tiny model / synthetic data first; the others then find them ready.
         if self.rank0:
             self._lock()
-            rundir.write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            rundir.write_text(self.run_dir / "config.yaml", as_given)
             inputs = prepare_inputs(cfg.model, cfg.data, self.run_dir, supervised=self.job == "sft")
             for r in inputs.reports:
                 log.info(r.summary())
