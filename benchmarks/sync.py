@@ -346,7 +346,11 @@ def tables(rows: list[dict] | None, proto: dict | None, eng: dict | None) -> str
                   f"| of which `vllm.LLM(...)` (load, profile, KV cache) | "
                   f"{eng['start_engine_s'] - eng['import_s']:.1f} s |",
                   f"| first generate (warm-up) | {eng['first_generate_s']:.2f} s |"]
-        for key, what in (("demo", "demo step: 16 prompts x 8 samples, <= 12 new tokens"),
+        from megaapo.config import load_config
+
+        r = load_config("demo").rollout
+        for key, what in (("demo", f"demo step: {r.prompts_per_step} prompts x {r.n_samples} samples, "
+                                   f"<= {r.max_new_tokens} new tokens"),
                           ("forced64", "16 prompts x 8 samples x 64 forced tokens")):
             e = eng[key]
             lines.append(f"| {what} | {e['seconds']:.2f} s, {e['tokens']} tokens, "
