@@ -20,7 +20,7 @@ from test_train import PY, ROOT, SMALL, VOLATILE, _env
 # `megaapo.producer` (b1b191d; a first recording at 37b5d04 was equal but for main's new `skipped_updates`):
 # enough warm-up and tokens that rewards, losses and gradients are not zero.
 K0 = [*SMALL, "rollout.max_new_tokens=24", "trainer.sft_warmup_steps=150", "trainer.total_steps=4",
-      "trainer.eval_every=2"]
+      "trainer.eval_every=2", "algo.kl_coef=1e-3"]   # (and the demo's KL coefficient of then)
 REFERENCE = ROOT / "tests" / "data" / "async" / "k0_reference.jsonl"
 
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["rollout.mode=colocated", "trainer.device=auto", "rollout.prompts_per_step=4", "rollout.n_samples=4",
              "rollout.max_new_tokens=8", "trainer.total_steps=2", "trainer.sft_warmup_steps=2",
              "trainer.eval_every=2", "trainer.eval_size=4", "data.synth.n_train=64", "data.synth.n_eval=8",
-             "logging.wandb=disabled", "checkpoint.export_hf=false", "checkpoint.every=0", "trainer.threads=1"]
+             "logging.wandb=disabled", "checkpoint.export_hf=false", "checkpoint.every=0", "trainer.threads=1",
+             "rollout.max_staleness=0", "data.prompt_style=r1", "reward.functions={accuracy: 1.0, format: 0.5}"]
 ALL_ASLEEP = ["kv_cache", "weights"]
 
 

@@ -137,8 +137,8 @@ def test_colocated_config_refuses_what_one_process_cannot_hold():
     for bad, what in ((["parallel.tp=2"], "parallel.tp=2"), (["rollout.num_engines=2"], "num_engines=2"),
                       (["rollout.addresses=[tcp://x:1]"], "rollout.addresses"), (["trainer.device=cpu"], "GPUs")):
         with pytest.raises(ConfigError, match=what):
-            load_config("demo", ["rollout.mode=colocated", "trainer.device=auto", *bad])
-    load_config("demo", ["rollout.mode=colocated", "trainer.device=auto"])   # one process, one engine: fine
+            load_config("demo", ["rollout.mode=colocated", "rollout.max_staleness=0", "trainer.device=auto", *bad])
+    load_config("demo", ["rollout.mode=colocated", "rollout.max_staleness=0", "trainer.device=auto"])   # fine
 
 
 def test_colocated_under_torchrun_with_two_ranks_is_one_line_not_a_hang(tmp_path):
@@ -148,9 +148,9 @@ def test_colocated_under_torchrun_with_two_ranks_is_one_line_not_a_hang(tmp_path
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT="9", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "megaapo.train", "demo", "rollout.mode=colocated", "trainer.device=auto",
-                          f"trainer.output_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-m", "megaapo.train", "demo", "rollout.mode=colocated",
+                          "rollout.max_staleness=0", "trainer.device=auto", f"trainer.output_dir={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: rollout.mode=colocated with 2 trainer processes") and "Traceback" not in res.stderr

@@ -18,10 +18,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-# A small, fast version of the demo: 4 prompts x 4 samples, 3 warm-up steps, eval on 8 held-out prompts.
+# A small, fast version of the demo: 4 prompts x 4 samples, 3 warm-up steps, eval on 8 held-out prompts; the
+# synchronous loop (the async tests set rollout.max_staleness themselves) on shared cores, with the `r1` prompt and
+# its format reward, so that a few steps after 3 warm-up steps already give rewards and gradients that are not zero.
 SMALL = ["rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.max_new_tokens=8", "trainer.eval_size=8",
          "trainer.sft_warmup_steps=3", "data.synth.n_train=64", "data.synth.n_eval=8", "logging.wandb=disabled",
-         "checkpoint.export_hf=false", "trainer.threads=1"]
+         "checkpoint.export_hf=false", "trainer.threads=1", "trainer.cpu_split=false", "rollout.max_staleness=0",
+         "data.prompt_style=r1", "reward.functions={accuracy: 1.0, format: 0.5}"]
 # Wall-clock and throughput values legitimately differ between runs; everything else must not.
 VOLATILE = ("time/", "perf/", "sync/seconds")
 
