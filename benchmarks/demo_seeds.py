@@ -10,8 +10,8 @@ the tiny model and the synthetic data are built as on a first run), the engine s
 checkpoints and the HF export. Runs are sequential: two at once would share the 2 cores and time each other.
 Prints one row per seed (held-out greedy accuracy at the start of RL, at the end, the gain, the best eval and how
 far the end is below it, wall time), then the mean, median and minimum over seeds, and whether every seed meets
-the demo's bar (`--min-gain`, `--max-drop`, `--max-seconds`). The load average before and after is printed with the
-table, and each run's own load average at its start and end: a timing taken on a busy machine is not a result.
+the demo's bar (`--min-gain`, `--max-drop`, `--max-seconds`). Each run's load average at its start and end is in its
+row, and the first start's and last end's head the table: a timing taken on a busy machine is not a result.
 Each finished run leaves OUT/seed_S.json (its row, with the config overrides it ran with); `--reuse` takes a seed's row
 from there instead of running it again when the overrides match (to build one table from runs made at different
 times, e.g. two invocations splitting the seeds).
@@ -107,11 +107,14 @@ def mmss(seconds: float) -> str:
     return f"{int(seconds) // 60}:{seconds % 60:04.1f}"
 
 
-def table(rows: list[dict], args, load_before, load_after) -> str:
+def table(rows: list[dict], args) -> str:
+    """The rows' own dates and load averages (a table rebuilt with --reuse says when and how busy the runs were, not
+    the moment of rebuilding)."""
     cmd = "python benchmarks/demo_seeds.py --seeds " + " ".join(str(r["seed"]) for r in rows)
     cmd += (" -- " + " ".join(args.overrides)) if args.overrides else ""
-    lines = [f"{machine()}; {datetime.date.today().isoformat()}; load average (1 min) {load_before:.2f} before, "
-             f"{load_after:.2f} after; `{cmd}`", "",
+    dates = ", ".join(sorted({r["date"] for r in rows}))
+    lines = [f"{machine()}; {dates}; load average (1 min) {rows[0]['load'][0]:.2f} at the first run's start, "
+             f"{rows[-1]['load'][1]:.2f} at the last one's end; `{cmd}`", "",
              "| seed | start | end | gain | best | end below best | wall time | load (1 min) at start, end |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,14 +144,13 @@ def write_docs(text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    load_before = os.getloadavg()[0]
     rows = []
     for seed in args.seeds:
         rows.append(run_seed(seed, args))
         r = rows[-1]
         print(f"seed {seed}: {r['start']:.1f}% -> {r['end']:.1f}% ({r['gain']:+.1f} points, best {r['best']:.1f}%) "
               f"in {mmss(r['seconds'])}", flush=True)
-    text = table(rows, args, load_before, os.getloadavg()[0])
+    text = table(rows, args)
     print(text)
     if args.write_docs:
         write_docs(text)

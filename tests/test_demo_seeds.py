@@ -44,6 +44,8 @@ def test_table_from_saved_runs_and_docs_section(bench, tmp_path, monkeypatch, ca
     assert "| mean | | 66.0% | +38.5 | | 6.5 | 5:00.0 | |" in text
     assert "| min | | 62.0% | +32.0 | | 0.0 | 4:50.0 | |" in text
     assert "**no**" in text                              # seed 1 ended 13 points below its best
+    # the saved runs' date and load, not the rebuild's
+    assert "; 2026-12-07; load average (1 min) 0.50 at the first run's start, 0.70 at the last one's end;" in text
     page = doc.read_text()
     assert page.startswith("# page\nbefore\n") and page.endswith("\nafter\n") and "old table" not in page
     assert "| 1 | 30.0% | 62.0% | +32.0 |" in page
