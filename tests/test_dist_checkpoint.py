@@ -1,6 +1,8 @@
 """Checkpoints on megatron-core's dist_checkpointing (megaapo.dist_checkpoint): written at one TP x PP x DP, resumed
 at others, for both optimizers, on gloo with the real megatron-core save/load strategies and async writer."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -304,6 +306,27 @@ def test_format1_checkpoint_converts_on_load_or_is_refused(tiny_model, tmp_path)
             destroy()
 
 
+@contextlib.contextmanager
+def _learner_with_a_checkpoint(tiny_model, root, async_save: bool):
+    """A process group of one, a learner and a Checkpointer at `root` that has saved step_000001."""
+    from dist_workers import optim_learner
+
+    from megaapo import dist_checkpoint as dckpt
+    from megaapo.distributed import destroy, init_distributed
+
+    started = not torch.distributed.is_initialized()
+    groups = init_distributed()
+    try:
+        learner = optim_learner(str(tiny_model), groups, "torch")
+        saver = dckpt.Checkpointer(root, groups, async_save=async_save)
+        saver.save(1, {"policy": learner.sharded_state_dict()}, {"step": 1})
+        saver.wait()
+        yield groups, learner, saver
+    finally:
+        if started:
+            destroy()
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch, async_save):
     """A write that fails in megatron's writer processes (ENOSPC injected at torch_dist's item write; a real full
@@ -311,22 +334,12 @@ def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monke
     uncommitted directory and leaves the previous checkpoint the newest."""
     import errno
 
-    from dist_workers import optim_learner
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megaapo import checkpoint as ckpt
-    from megaapo import dist_checkpoint as dckpt
     from megaapo import rundir
-    from megaapo.distributed import destroy, init_distributed
 
-    started = not torch.distributed.is_initialized()
-    groups = init_distributed()
-    try:
-        learner = optim_learner(str(tiny_model), groups, "torch")
-        saver = dckpt.Checkpointer(tmp_path, groups, async_save=async_save)
-        saver.save(1, {"policy": learner.sharded_state_dict()}, {"step": 1})
-        saver.wait()
-
+    with _learner_with_a_checkpoint(tiny_model, tmp_path, async_save) as (_, learner, saver):
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -338,27 +351,16 @@ def test_failed_write_leaves_the_previous_checkpoint(tiny_model, tmp_path, monke
         saver.close()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
         assert ckpt.find_latest(tmp_path) == tmp_path / "step_000001"
-    finally:
-        if started:
-            destroy()
 
 
 def test_nonfinite_state_is_refused_and_a_changed_file_is_never_read(tiny_model, tmp_path):
     """The issue-16 guarantees on this format: state holding NaN is refused before anything is written (on every
     rank: the check is agreed), and `read` verifies every file's checksum first, so a checkpoint changed in place
     is refused by name instead of loaded."""
-    from dist_workers import optim_learner
-
     from megaapo import checkpoint as ckpt
     from megaapo import dist_checkpoint as dckpt
-    from megaapo.distributed import destroy, init_distributed
 
-    started = not torch.distributed.is_initialized()
-    groups = init_distributed()
-    try:
-        learner = optim_learner(str(tiny_model), groups, "torch")
-        saver = dckpt.Checkpointer(tmp_path, groups, async_save=False)
-        saver.save(1, {"policy": learner.sharded_state_dict()}, {"step": 1})
+    with _learner_with_a_checkpoint(tiny_model, tmp_path, async_save=False) as (groups, learner, saver):
         assert "xxh3_128" in ckpt.read_manifest(tmp_path / "step_000001")["files"]["dist/__0_0.distcp"]
         weight = dict(learner.model.named_parameters())["lm.decoder.layers.0.mlp.linear_fc1.weight"]
         with torch.no_grad():
@@ -375,9 +377,6 @@ def test_nonfinite_state_is_refused_and_a_changed_file_is_never_read(tiny_model,
         shard.write_bytes(bytes(data))
         with pytest.raises(ckpt.CheckpointError, match="dist/__0_0.distcp fails its xxh3_128 checksum"):
             dckpt.read(tmp_path / "step_000001", {"policy": learner.sharded_state_dict(is_loading=True)}, groups)
-    finally:
-        if started:
-            destroy()
 
 
 _SHIELDED = """
