@@ -52,3 +52,27 @@ def test_table_from_saved_runs_and_docs_section(bench, tmp_path, monkeypatch, ca
 
     assert bench.main(["--seeds", "0", "--reuse", "--out", str(tmp_path)]) == 0
     assert "**yes**" in capsys.readouterr().out
+
+
+def test_answers_confusion_table_names_the_answer_a_policy_never_gives(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import answers
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = ([{"gold": "blue", "answer": "green"}] * 3 + [{"gold": "green", "answer": "green"}] * 2 +
+            [{"gold": "red", "answer": "red"}, {"gold": "red", "answer": None}] + [{"gold": "green", "answer": "red"}])
+    f = tmp_path / "responses.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert answers.main([str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "| gold \\ answer | blue | green | red | (none) | prompts | accuracy |" in out
+    assert "| blue | 0 | 3 | 0 | 0 | 3 | 0.0% |" in out
+    assert "| green | 0 | 2 | 1 | 0 | 3 | 66.7% |" in out
+    assert "| red | 0 | 0 | 1 | 1 | 2 | 50.0% |" in out
+    assert "| share of answers | 0.0% | 62.5% | 25.0% | 12.5% | 8 | 37.5% |" in out
+    assert "never answered: blue" in out
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="no responses"):
+        answers.main([str(empty)])
