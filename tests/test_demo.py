@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Held-out points the default-seed run must gain: seeds 0-4 gained +19.5 to +33.0 (docs/demo.md, 2026-12-07; seed 0
-# +33.0), so another machine's run, whose trajectory parts from this one's like another seed's, keeps ~10 points below
+# Held-out points the default-seed run must gain: seeds 0-4 gained +35.5 to +47.5 (docs/demo.md, 2026-12-07; seed 0
+# +47.5), so another machine's run, whose trajectory parts from this one's like another seed's, keeps 10 points below
 # the smallest of them.
-GAIN_MARGIN = 10.0
+GAIN_MARGIN = 25.0
 
 
 @pytest.mark.vllm
