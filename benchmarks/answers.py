@@ -50,7 +50,17 @@ def main(argv=None) -> int:
     p.add_argument("responses", nargs="+", help="responses.jsonl files written by `megaapo eval`")
     args = p.parse_args(argv)
     for path in args.responses:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(row, dict) or "gold" not in row:
+                raise SystemExit(f"{path}:{n}: not a response row of `megaapo eval` (no 'gold' field)")
+            rows.append(row)
         if not rows:
             raise SystemExit(f"{path}: no responses")
         print(f"{path}\n\n{table(rows)}\n")

@@ -76,3 +76,10 @@ def test_answers_confusion_table_names_the_answer_a_policy_never_gives(tmp_path,
     empty.write_text("")
     with pytest.raises(SystemExit, match="no responses"):
         answers.main([str(empty)])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match="broken.jsonl:2: not JSON"):
+        answers.main([str(broken)])
+    broken.write_text(json.dumps({"answer": "red"}) + "\n")
+    with pytest.raises(SystemExit, match="broken.jsonl:1: .*no 'gold' field"):
+        answers.main([str(broken)])
