@@ -42,7 +42,7 @@ def eval_rewards(style: str) -> dict[str, float]:
 class EvalResult:
     n: int                          # prompts scored
     accuracy: float                 # mean over all samples (greedy: over prompts)
-    format: float                   # share of responses in the prompt style's format (nan-free: 0 without one)
+    format: float | None            # share of responses in the prompt style's format; None: the style has none
     answered: float = 0.0           # share of responses with an answer to compare (any style; `direct` has no format)
     pass_at_k: float | None = None
     k: int = 1
@@ -54,7 +54,9 @@ class EvalResult:
     scoring_failures: int = 0                         # responses whose scoring timed out or crashed (scored 0)
 
     def metrics(self, prefix: str = "eval") -> dict:
-        m = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/format": self.format, f"{prefix}/answered": self.answered}
+        m = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/answered": self.answered}
+        if self.format is not None:   # a 0% format for `direct`/`plain`, which ask for none, would read as a failure
+            m[f"{prefix}/format"] = self.format
         if self.pass_at_k is not None:
             m[f"{prefix}/pass@{self.k}"] = self.pass_at_k
         for cat, acc in self.by_category.items():
@@ -93,7 +95,7 @@ def score_responses(examples, responses: list[tuple[int, str]], scorer, reward_c
     items = [_Response(text, i) for i, text in responses]
     scores = scorer.score(reward_inputs(items, examples, reward_cfg), names=names)
     acc = [a >= 1.0 for a in scores.components["accuracy"]]
-    fmt_ok = [f > 0 for f in scores.components[fmt]] if fmt else [False] * len(items)
+    fmt_ok = [f > 0 for f in scores.components[fmt]] if fmt else [None] * len(items)
     per_prompt, cats = defaultdict(list), defaultdict(list)
     rows = []
     for r, a, f in zip(items, acc, fmt_ok):
@@ -102,7 +104,8 @@ def score_responses(examples, responses: list[tuple[int, str]], scorer, reward_c
         cats[category(ex)].append(a)
         rows.append({"id": ex.id, "category": category(ex), "response": r.text, "answer": extract_answer(r.text),
                      "gold": ex.answer, "correct": a, "format": f})
-    res = EvalResult(n=len(per_prompt), accuracy=sum(acc) / max(1, len(acc)), format=sum(fmt_ok) / max(1, len(items)),
+    res = EvalResult(n=len(per_prompt), accuracy=sum(acc) / max(1, len(acc)),
+                     format=sum(fmt_ok) / max(1, len(items)) if fmt else None,
                      answered=sum(r["answer"] is not None for r in rows) / max(1, len(rows)),
                      k=k, by_category={c: sum(v) / len(v) for c, v in sorted(cats.items())},
                      counts={c: len(v) // k for c, v in sorted(cats.items())}, rows=rows,
@@ -239,7 +242,7 @@ def markdown_table(results: dict[str, EvalResult], k: int) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(r.skipped.items())) or "0"
         cells = [name, "**all**", str(r.n), f"{100 * r.accuracy:.1f}"]
         cells += [f"{100 * r.pass_at_k:.1f}"] if k > 1 else []
-        cells += [f"{100 * r.format:.1f}", skipped]
+        cells += ["-" if r.format is None else f"{100 * r.format:.1f}", skipped]
         lines.append("| " + " | ".join(cells) + " |")
         for cat, acc in r.by_category.items():
             cells = [name, cat, str(r.counts[cat]), f"{100 * acc:.1f}"] + ([""] if k > 1 else []) + ["", ""]

@@ -284,7 +284,7 @@ def test_eval_counts_answered_responses_in_every_prompt_style(synth_dir):
     prompt has (no format reward), and next to the format share for `r1`. Four responses, worked out by hand."""
     from megaapo.config import RewardConfig
     from megaapo.data.dataset import load_examples
-    from megaapo.evaluate import score_responses
+    from megaapo.evaluate import markdown_table, score_responses
 
     ex, _ = load_examples(synth_dir / "eval.jsonl")
     gold = ex[0].answer
@@ -295,5 +295,7 @@ def test_eval_counts_answered_responses_in_every_prompt_style(synth_dir):
         r1 = score_responses(ex, responses, scorer, RewardConfig(), "r1", k=4)
     assert direct.answered == r1.answered == 0.75
     assert direct.accuracy == r1.accuracy == 0.5
-    assert direct.format == 0.0 and r1.format == 0.25          # only the last one has the <think> format
-    assert direct.metrics()["eval/answered"] == 0.75
+    assert direct.format is None and r1.format == 0.25         # only the last one has the <think> format
+    assert direct.metrics()["eval/answered"] == 0.75 and "eval/format" not in direct.metrics()
+    assert r1.metrics()["eval/format"] == 0.25
+    assert "| - |" in markdown_table({"b": direct}, 1) and "| 25.0 |" in markdown_table({"b": r1}, 1)
