@@ -97,9 +97,11 @@ def test_k1_bound_and_sigkill_resume_lose_and_repeat_no_prompt(tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_partial_rollouts_continue_sequences_across_weight_updates(tmp_path):
-    # Responses long enough that the learner's step (and its sync) ends while the next batch is being generated.
+    # Responses long enough that the learner's step (and its sync) ends while the next batch is being generated: at
+    # 32 tokens the batch was sometimes generated before the update came when the other test worker loaded the
+    # machine; at 128 the learner waits for the engine (~10 s a step with a core-hogging process beside it).
     # pi_old recomputed (the demo takes each update's own), so that the per-token gap metrics are logged too
-    res = subprocess.run(_cmd(tmp_path, *SMALL, "rollout.max_new_tokens=32", "rollout.max_staleness=1",
+    res = subprocess.run(_cmd(tmp_path, *SMALL, "rollout.max_new_tokens=128", "rollout.max_staleness=1",
                               "rollout.partial=true", "rollout.proximal=recompute", "trainer.total_steps=4",
                               "trainer.eval_every=0"),
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
