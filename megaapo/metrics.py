@@ -49,7 +49,8 @@ PLOT_KEYS = (REWARD_KEY, EVAL_ACC_KEY)
 # key -> short console label; keys absent from a step are skipped
 CONSOLE_KEYS = {REWARD_KEY: "reward", TRAIN_ACC_KEY: "acc", EVAL_ACC_KEY: "eval_acc", "len/mean": "len", "kl": "kl",
                 "entropy": "ent", "clip_frac": "clip", "sft/loss": "loss", "eval/loss": "eval_loss",
-                "eval/format": "eval_fmt", "eval/answered": "eval_ans", "perf/tokens_per_s": "tok/s", "perf/mfu": "mfu", "time/step": "s/step"}
+                "eval/format": "eval_fmt", "eval/answered": "eval_ans", "perf/tokens_per_s": "tok/s", "perf/mfu": "mfu",
+                "time/step": "s/step"}
 SUMMARY_KEYS = (REWARD_KEY, TRAIN_ACC_KEY, EVAL_ACC_KEY, "len/mean", "kl", "entropy", "clip_frac",
                 "perf/tokens_per_s", "perf/mfu")
 # What the progress bar, the plot and the summary table show, per kind of run.

@@ -314,7 +314,7 @@ class Run:
     def evaluate(self, step: int) -> dict:
         """Held-out metrics: greedy generation scored by the reward code (rank 0), plus for SFT the held-out loss
         (every rank takes part; the last stage has the value)."""
-        from megaapo.evaluate import FORMAT_REWARD, evaluate
+        from megaapo.evaluate import evaluate
 
         row: dict = {}
         if not self.eval:
@@ -336,7 +336,7 @@ class Run:
                            max_new_tokens=self.cfg.rollout.max_new_tokens)
         if self.job == "sft":   # SFT's next steps are the learner's (RL's next step generates first)
             self.engines.sleep()
-        shape = (f"format {100 * res.format:.1f}%" if FORMAT_REWARD.get(self.builder.style)
+        shape = (f"format {100 * res.format:.1f}%" if res.format is not None
                  else f"answered {100 * res.answered:.1f}%")   # `direct`/`plain` have no format to report
         log.info("step %d: held-out accuracy %.1f%% (%s, %d prompts, %.1fs)", step, 100 * res.accuracy, shape, res.n,
                  res.seconds)
